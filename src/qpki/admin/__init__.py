@@ -1,0 +1,1 @@
+"""Administration: users, emergency 2FA reset, the audit trail."""

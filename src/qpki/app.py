@@ -1,0 +1,141 @@
+"""create_app(): wire settings, database, keys, services, blueprints, headers and limits."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from flask import Flask, g, redirect, request, url_for
+from flask_login import current_user
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy import inspect
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.wrappers import Response
+
+from qpki.audit.context import RequestContext, reset_context, set_context
+from qpki.auth.auth_manager import AuthManager
+from qpki.auth.keys import load_key_ring
+from qpki.auth.mfa import MFAManager
+from qpki.auth.sessions import SessionPolicy
+from qpki.config import Settings
+from qpki.db.manager import DatabaseManager
+from qpki.logging_setup import configure_logging
+from qpki.web.errors import install_error_handlers
+from qpki.web.limits import limiter
+from qpki.web.security import install_security_headers
+from qpki.web.session_auth import install_login_manager
+
+log = logging.getLogger(__name__)
+
+# Endpoints a user who must change a temporary password may still reach.
+_PASSWORD_CHANGE_ALLOWED = {"auth.change_password", "auth.logout", "static"}
+
+
+def _encrypted_data_exists(db: DatabaseManager) -> bool:
+    """Whether any stored 2FA data needs the existing key (False before the first migration)."""
+    if "users" not in inspect(db.engine).get_table_names():
+        return False
+    with db.engine.connect() as conn:
+        row = conn.exec_driver_sql(
+            "SELECT 1 FROM users WHERE totp_secret IS NOT NULL OR backup_codes IS NOT NULL LIMIT 1"
+        ).first()
+    return row is not None
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the qPKI web application. ``settings`` defaults to the ``QPKI_*`` environment."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        SESSION_COOKIE_NAME="__Host-qpki_session" if settings.https else "qpki_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.https,
+        SESSION_COOKIE_PATH="/",
+        PREFERRED_URL_SCHEME="https" if settings.https else "http",
+        WTF_CSRF_ENABLED=settings.csrf_enabled,
+        WTF_CSRF_TIME_LIMIT=None,  # the token is bound to the session, which expires itself
+        RATELIMIT_ENABLED=settings.rate_limits_enabled,
+        RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
+        RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
+        RATELIMIT_SWALLOW_ERRORS=True,
+        TESTING=settings.testing,
+        DEBUG=False,
+    )
+    app.settings = settings  # type: ignore[attr-defined]
+    if settings.proxy_fix_hops:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app,
+            x_for=settings.proxy_fix_hops,
+            x_proto=settings.proxy_fix_hops,
+            x_host=settings.proxy_fix_hops,
+            x_port=settings.proxy_fix_hops,
+        )
+
+    db = DatabaseManager(settings.database_url)
+    fernet, _keys, key_source = load_key_ring(
+        settings.data_dir, settings.mfa_key, encrypted_data_exists=_encrypted_data_exists(db)
+    )
+    log.info(
+        "MFA key ring loaded from %s",
+        key_source if key_source == "QPKI_MFA_KEY" else "the key file",
+    )
+    policy = SessionPolicy(
+        idle=timedelta(minutes=settings.session_idle_minutes),
+        absolute=timedelta(hours=settings.session_absolute_hours),
+        pending=timedelta(seconds=settings.pending_mfa_seconds),
+    )
+    app.db_manager = db  # type: ignore[attr-defined]
+    app.mfa_manager = MFAManager(fernet, issuer=settings.issuer)  # type: ignore[attr-defined]
+    app.auth_manager = AuthManager(  # type: ignore[attr-defined]
+        db,
+        app.mfa_manager,
+        session_policy=policy,  # type: ignore[attr-defined]
+    )
+
+    CSRFProtect(app)
+    limiter.init_app(app)
+    install_login_manager(app)
+    install_security_headers(app, https=settings.https)
+    install_error_handlers(app)
+
+    @app.before_request
+    def _request_context() -> None:
+        g.audit_token = set_context(
+            RequestContext(
+                ip=request.remote_addr or "",
+                user_agent=(request.user_agent.string or "")[:256],
+            )
+        )
+
+    @app.before_request
+    def _force_password_change() -> Response | None:
+        if request.endpoint in _PASSWORD_CHANGE_ALLOWED or request.endpoint is None:
+            return None
+        if current_user.is_authenticated and current_user.must_change_password:
+            return redirect(url_for("auth.change_password"))
+        return None
+
+    @app.teardown_request
+    def _reset_context(_exc: BaseException | None) -> None:
+        token = g.pop("audit_token", None)
+        if token is not None:
+            reset_context(token)
+
+    from qpki.admin.routes import bp as admin_bp
+    from qpki.auth.routes import bp as auth_bp
+    from qpki.web.routes import bp as main_bp
+
+    app.register_blueprint(main_bp)
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(admin_bp)
+
+    @app.context_processor
+    def _template_globals() -> dict[str, object]:
+        return {"issuer": settings.issuer}
+
+    return app

@@ -1,0 +1,1 @@
+"""Authentication: users, passwords, two-factor authentication, login sessions."""

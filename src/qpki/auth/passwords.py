@@ -1,0 +1,74 @@
+"""Password hashing (argon2id) and the NIST SP 800-63B password rules.
+
+Rules: at least 12 characters, at most 256, no composition rules, not one of the 1,000 most
+common passwords, not the username. Unicode is NFKC-normalised before hashing so the same
+password typed on different keyboards matches.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from functools import lru_cache
+from importlib import resources
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+MIN_LENGTH = 12
+MAX_LENGTH = 256
+
+
+class PasswordPolicyError(ValueError):
+    """The chosen password breaks a rule; the message is shown to the user as is."""
+
+
+@lru_cache(maxsize=1)
+def common_passwords() -> frozenset[str]:
+    """The shipped list of the 1,000 most common passwords, lower-cased."""
+    text = resources.files("qpki.data").joinpath("common_passwords.txt").read_text("utf-8")
+    return frozenset(line.strip().lower() for line in text.splitlines() if line.strip())
+
+
+def normalise(password: str) -> str:
+    """NFKC form, as SP 800-63B recommends for Unicode passwords."""
+    return unicodedata.normalize("NFKC", password)
+
+
+def check_password_policy(password: str, username: str = "") -> None:
+    """Raise PasswordPolicyError with a plain message if ``password`` may not be used."""
+    value = normalise(password)
+    if len(value) < MIN_LENGTH:
+        raise PasswordPolicyError(f"Password must be at least {MIN_LENGTH} characters long.")
+    if len(value) > MAX_LENGTH:
+        raise PasswordPolicyError(f"Password must be at most {MAX_LENGTH} characters long.")
+    if "\x00" in value:
+        raise PasswordPolicyError("Password may not contain NUL characters.")
+    if value.lower() in common_passwords():
+        raise PasswordPolicyError("This password is too common. Choose a less predictable one.")
+    if username and value.lower() == username.lower():
+        raise PasswordPolicyError("Password may not be the same as the username.")
+
+
+class Passwords:
+    """argon2id hashing with rehash-on-login when the parameters change."""
+
+    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+        self.hasher = hasher or PasswordHasher()
+        # A real hash to verify against when the user does not exist, so that a failed login
+        # costs the same time whether or not the account exists.
+        self._dummy_hash = self.hasher.hash("qpki-dummy-password-for-timing")
+
+    def hash(self, password: str) -> str:
+        return self.hasher.hash(normalise(password))
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        """True if ``password`` matches; always spends one full hash computation."""
+        try:
+            return self.hasher.verify(password_hash or self._dummy_hash, normalise(password)) and (
+                password_hash is not None
+            )
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        return self.hasher.check_needs_rehash(password_hash)

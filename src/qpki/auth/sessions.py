@@ -1,0 +1,151 @@
+"""Server-side login sessions.
+
+The browser holds only a random 256-bit token (inside Flask's signed cookie); the database
+holds its SHA-256 digest, so a database leak does not hand out live sessions and the raw token
+never needs to be logged. Ending a row ends the session everywhere at once, across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from qpki.auth.models import User, UserSession
+
+LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+
+
+def token_digest(token: str) -> str:
+    """What is stored for a session token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """How long sessions live (SP 800-63B rev 3 AAL2: 30 min idle, 12 h in all)."""
+
+    idle: timedelta = timedelta(minutes=30)
+    absolute: timedelta = timedelta(hours=12)
+    pending: timedelta = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class ResolvedSession:
+    """A live session and its user, detached from the database session."""
+
+    row: UserSession
+    user: User
+
+
+class SessionStore:
+    """Create, resolve and end rows of ``user_sessions`` in the caller's transaction."""
+
+    def __init__(self, policy: SessionPolicy) -> None:
+        self.policy = policy
+
+    def create(
+        self,
+        session: Session,
+        user_id: int,
+        *,
+        mfa_passed: bool,
+        now: datetime,
+        ip: str = "",
+        user_agent: str = "",
+    ) -> str:
+        """A new session row; returns the raw token (shown to nobody but the cookie)."""
+        token = secrets.token_urlsafe(32)
+        lifetime = self.policy.absolute if mfa_passed else self.policy.pending
+        session.add(
+            UserSession(
+                token_hash=token_digest(token),
+                user_id=user_id,
+                mfa_passed=mfa_passed,
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + lifetime,
+                ip=ip[:64],
+                user_agent=user_agent[:256],
+            )
+        )
+        session.flush()
+        return token
+
+    def find(self, session: Session, token: str) -> UserSession | None:
+        """The row for ``token`` whether live or not."""
+        return session.scalar(
+            select(UserSession).where(UserSession.token_hash == token_digest(token))
+        )
+
+    def expiry_reason(self, row: UserSession, now: datetime) -> str | None:
+        """Why the row is no longer usable, or ``None`` if it is live."""
+        if row.ended_at is not None:
+            return row.end_reason or "ended"
+        if now >= row.expires_at:
+            return "expired"
+        if row.mfa_passed and now - row.last_seen_at >= self.policy.idle:
+            return "idle"
+        return None
+
+    def resolve(self, session: Session, token: str, now: datetime) -> ResolvedSession | None:
+        """The live session for ``token`` (touching last-seen), else ``None``.
+
+        A row found expired is ended on the spot so that it shows as ended everywhere.
+        """
+        row = self.find(session, token)
+        if row is None:
+            return None
+        reason = self.expiry_reason(row, now)
+        if reason is None:
+            user = session.get(User, row.user_id)
+            if user is None or not user.is_active:
+                reason = "user_inactive"
+        if reason is not None:
+            if row.ended_at is None:
+                row.ended_at, row.end_reason = now, reason
+            return None
+        if now - row.last_seen_at >= LAST_SEEN_RESOLUTION:
+            row.last_seen_at = now
+        return ResolvedSession(row=row, user=user)  # type: ignore[arg-type]
+
+    def end(self, session: Session, row: UserSession, reason: str, now: datetime) -> None:
+        if row.ended_at is None:
+            row.ended_at, row.end_reason = now, reason
+
+    def end_all(
+        self,
+        session: Session,
+        user_id: int,
+        reason: str,
+        now: datetime,
+        *,
+        keep_id: int | None = None,
+    ) -> int:
+        """End every live session of the user except ``keep_id``; returns how many ended."""
+        stmt = update(UserSession).where(
+            UserSession.user_id == user_id, UserSession.ended_at.is_(None)
+        )
+        if keep_id is not None:
+            stmt = stmt.where(UserSession.id != keep_id)
+        result = session.execute(stmt.values(ended_at=now, end_reason=reason))
+        return int(result.rowcount or 0)
+
+    def live_for_user(self, session: Session, user_id: int, now: datetime) -> list[UserSession]:
+        """The user's live, fully authenticated sessions, most recent first."""
+        rows = session.scalars(
+            select(UserSession)
+            .where(
+                UserSession.user_id == user_id,
+                UserSession.ended_at.is_(None),
+                UserSession.mfa_passed.is_(True),
+                UserSession.expires_at > now,
+                UserSession.last_seen_at > now - self.policy.idle,
+            )
+            .order_by(UserSession.last_seen_at.desc())
+        )
+        return list(rows)
