@@ -805,11 +805,11 @@ class AuthManager:
             raise ValidationFailed("A reason is required to reset two-factor authentication.")
         if len(reason) > 500:
             raise ValidationFailed("The reason must be at most 500 characters.")
-        with self.db.transaction() as s:
-            actor = None
-            if admin_id is not None:
-                actor = s.get(User, admin_id)
-                if actor is None or not actor.is_active or not actor.is_admin:
+        actor = None
+        if admin_id is not None:
+            actor = self.get_user(user_id=admin_id)
+            if actor is None or not actor.is_active or not actor.is_admin:
+                with self.db.transaction() as s:  # the denial is recorded, and committed
                     self.audit.record(
                         s,
                         AuditEvent.ACCESS_DENIED,
@@ -818,9 +818,8 @@ class AuthManager:
                         target_user_id=user_id,
                         details={"action": "mfa_admin_disable"},
                     )
-                    raise PermissionDenied(
-                        "Only administrators can reset two-factor authentication."
-                    )
+                raise PermissionDenied("Only administrators can reset two-factor authentication.")
+        with self.db.transaction() as s:
             user = self._load(s, user_id)
             if not user.two_factor_enabled:
                 raise MFAError(errors.MFA_NOT_ENABLED)

@@ -72,6 +72,8 @@ class BackupCodeEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BackupCodeEntry:
+        if not isinstance(data, dict):
+            raise SecretDecryptionError("backup code entry is not an object")
         if data.get("scheme") != BACKUP_HASH_SCHEME:
             raise SecretDecryptionError(f"unknown backup code scheme {data.get('scheme')!r}")
         return cls(salt=data["salt"], hash=data["hash"], used_at=data.get("used_at"))

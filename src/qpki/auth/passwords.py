@@ -1,12 +1,19 @@
 """Password hashing (argon2id) and the NIST SP 800-63B password rules.
 
-Rules: at least 12 characters, at most 256, no composition rules, not one of the 1,000 most
-common passwords, not the username. Unicode is NFKC-normalised before hashing so the same
-password typed on different keyboards matches.
+Rules: at least 12 characters, at most 256, no composition rules, not the username, and not
+predictable. Every entry of the shipped list of the 1,000 most common passwords is shorter than
+12 characters, so the list is applied the way people actually pad such passwords: a common
+password with digits or symbols around it ("password1234"), or repeated ("qwertyqwerty"), is
+refused too, as are one character repeated and straight sequences ("123456789012"), which
+SP 800-63B names explicitly. Unicode is NFKC-normalised before hashing so the same password
+typed on different keyboards matches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import re
 import unicodedata
 from functools import lru_cache
 from importlib import resources
@@ -29,6 +36,41 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip().lower() for line in text.splitlines() if line.strip())
 
 
+_PADDINGS = (re.compile(r"^[\W_]+|[\W_]+$"), re.compile(r"^[\W\d_]+|[\W\d_]+$"))
+
+
+def _is_repetition(value: str) -> bool:
+    """'abcabcabcabc' or 'aaaaaaaaaaaa': the whole value is one short unit repeated."""
+    return any(
+        len(value) % size == 0 and value == value[:size] * (len(value) // size)
+        for size in range(1, len(value) // 2 + 1)
+    )
+
+
+def _is_sequence(value: str) -> bool:
+    """'123456789012', 'abcdefghijkl' or their reverse (digits wrap around 9 → 0)."""
+    if value.isdigit():
+        steps = {(int(b) - int(a)) % 10 for a, b in itertools.pairwise(value)}
+        return steps in ({1}, {9})
+    if value.isalpha() and value.isascii():
+        steps = {ord(b) - ord(a) for a, b in itertools.pairwise(value)}
+        return steps in ({1}, {-1})
+    return False
+
+
+def is_predictable(password: str) -> bool:
+    """Common, padded-common, repeated or sequential (case-insensitive)."""
+    value = normalise(password).lower()
+    common = common_passwords()
+    if value in common or any(pad.sub("", value) in common for pad in _PADDINGS):
+        return True
+    for size in range(1, len(value) // 2 + 1):
+        unit = value[:size]
+        if len(value) % size == 0 and value == unit * (len(value) // size) and unit in common:
+            return True
+    return _is_repetition(value) or _is_sequence(value)
+
+
 def normalise(password: str) -> str:
     """NFKC form, as SP 800-63B recommends for Unicode passwords."""
     return unicodedata.normalize("NFKC", password)
@@ -43,7 +85,7 @@ def check_password_policy(password: str, username: str = "") -> None:
         raise PasswordPolicyError(f"Password must be at most {MAX_LENGTH} characters long.")
     if "\x00" in value:
         raise PasswordPolicyError("Password may not contain NUL characters.")
-    if value.lower() in common_passwords():
+    if is_predictable(value):
         raise PasswordPolicyError("This password is too common. Choose a less predictable one.")
     if username and value.lower() == username.lower():
         raise PasswordPolicyError("Password may not be the same as the username.")
@@ -63,10 +105,12 @@ class Passwords:
 
     def verify(self, password_hash: str | None, password: str) -> bool:
         """True if ``password`` matches; always spends one full hash computation."""
+        if not password_hash:  # unknown user (or an empty column): same work, never a match
+            with contextlib.suppress(VerifyMismatchError, VerificationError, InvalidHashError):
+                self.hasher.verify(self._dummy_hash, normalise(password))
+            return False
         try:
-            return self.hasher.verify(password_hash or self._dummy_hash, normalise(password)) and (
-                password_hash is not None
-            )
+            return self.hasher.verify(password_hash, normalise(password))
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 

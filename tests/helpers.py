@@ -1,0 +1,82 @@
+"""Helpers shared by integration tests: authenticator codes, page parsing, common flows."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+
+import pyotp
+from bs4 import BeautifulSoup
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from harness.services import require_component
+from qpki.auth.models import User
+
+PASSWORD = "a long enough passphrase"
+
+
+def oathtool_code(secret: str, at: datetime | float | None = None) -> str:
+    """The code an independent authenticator (Debian's oathtool) shows at ``at``."""
+    if shutil.which("oathtool") is None:
+        require_component(
+            "oathtool", "the oathtool program is not installed (apt-get install oathtool)"
+        )
+    moment = at.timestamp() if isinstance(at, datetime) else (at if at is not None else time.time())
+    stamp = datetime.fromtimestamp(int(moment), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    out = subprocess.run(
+        ["oathtool", "--totp", "-b", "-N", stamp, secret.replace(" ", "")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def next_step_code(secret: str) -> str:
+    """A valid code for the next time step (accepted within the ±1 window, unused so far)."""
+    return pyotp.TOTP(secret).at(time.time() + 30)
+
+
+def page(response: TestResponse) -> BeautifulSoup:
+    return BeautifulSoup(response.get_data(as_text=True), "html.parser")
+
+
+def text_of(response: TestResponse) -> str:
+    return page(response).get_text(" ", strip=True)
+
+
+def create_user(
+    app: Flask, username: str = "alice", role: str = "viewer", password: str = PASSWORD
+) -> User:
+    return app.auth_manager.create_user(username, password, f"{username}@example.org", role)  # type: ignore[attr-defined]
+
+
+def login(
+    client: FlaskClient, username: str, password: str = PASSWORD, **extra: str
+) -> TestResponse:
+    return client.post("/auth/login", data={"username": username, "password": password, **extra})
+
+
+def enroll(client: FlaskClient) -> tuple[str, list[str]]:
+    """Enable 2FA through the pages for the logged-in user; returns (secret, backup codes)."""
+    setup = client.get("/auth/mfa/setup")
+    assert setup.status_code == 200, setup.status_code
+    secret = re.sub(r"\s+", "", page(setup).find(id="mfa-secret").get_text())
+    done = client.post("/auth/mfa/setup", data={"code": oathtool_code(secret)})
+    assert done.status_code == 200, text_of(done)
+    codes = [li.get_text(strip=True) for li in page(done).select("#backup-codes .backup-code")]
+    assert len(codes) == 8
+    return secret, codes
+
+
+def login_with_mfa(
+    client: FlaskClient, username: str, code: str, password: str = PASSWORD
+) -> TestResponse:
+    first = login(client, username, password)
+    assert first.status_code == 302 and first.headers["Location"].endswith("/auth/mfa/verify")
+    return client.post("/auth/mfa/verify", data={"code": code})

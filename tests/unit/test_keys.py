@@ -1,0 +1,226 @@
+"""The MFA key ring (``.mfa_key`` / ``QPKI_MFA_KEY``): SECURITY_CHECKLIST §4.3, §4.6.
+
+A lost or replaced key silently disables 2FA or loses backup codes, so every problem must stop
+start-up with a message naming the file; the file is 0600 from the first byte and every write
+is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet, InvalidToken
+
+import qpki.config
+from qpki.auth.keys import (
+    KEY_FILE_NAME,
+    KeyFileError,
+    create_key_file,
+    key_file_path,
+    load_key_ring,
+    read_key_file,
+    write_key_file,
+)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def write_with_mode(path: Path, content: bytes, mode: int = 0o600) -> None:
+    path.write_bytes(content)
+    path.chmod(mode)
+
+
+def test_key_file_name(tmp_path: Path) -> None:
+    assert key_file_path(tmp_path) == tmp_path / ".mfa_key"
+    assert KEY_FILE_NAME == ".mfa_key"
+
+
+def test_created_when_absent_with_mode_0600(tmp_path: Path) -> None:
+    ring, keys, source = load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    path = tmp_path / ".mfa_key"
+    assert source == str(path)
+    assert mode_of(path) == 0o600
+    assert stat.S_ISREG(os.stat(path).st_mode)
+    assert len(keys) == 1
+    assert path.read_bytes() == keys[0] + b"\n"
+    Fernet(keys[0])  # a valid key
+    assert Fernet(keys[0]).decrypt(ring.encrypt(b"x")) == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]  # no temp leftovers
+
+
+def test_reused_on_next_start(tmp_path: Path) -> None:
+    ring1, keys1, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    token = ring1.encrypt(b"secret")
+    ring2, keys2, _ = load_key_ring(tmp_path, None, encrypted_data_exists=True)
+    assert keys2 == keys1
+    assert ring2.decrypt(token) == b"secret"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]
+
+
+def test_temp_file_is_0600_from_the_first_byte(tmp_path: Path, monkeypatch) -> None:
+    """The file is opened O_CREAT|O_EXCL with mode 0600, not chmod-ed after writing."""
+    calls: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):
+        calls.append((str(path), flags, mode))
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    monkeypatch.setattr(qpki.config.os, "open", spy)
+    load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    created = [(p, f, m) for p, f, m in calls if f & os.O_CREAT]
+    assert created, "the key file was not created through os.open"
+    for path, flags, mode in created:
+        assert Path(path).parent == tmp_path
+        assert flags & os.O_EXCL
+        assert mode == 0o600
+
+
+def test_missing_file_with_encrypted_data_stops(tmp_path: Path) -> None:
+    path = tmp_path / ".mfa_key"
+    with pytest.raises(KeyFileError) as excinfo:
+        load_key_ring(tmp_path, None, encrypted_data_exists=True)
+    assert str(path) in str(excinfo.value)
+    assert not path.exists()  # no new key that could never decrypt the data
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o600, 0o700])
+def test_owner_only_modes_are_accepted(tmp_path: Path, mode: int) -> None:
+    key = Fernet.generate_key()
+    write_with_mode(tmp_path / ".mfa_key", key + b"\n", mode)
+    assert load_key_ring(tmp_path, None, encrypted_data_exists=True)[1] == [key]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606, 0o610, 0o601])
+def test_too_open_mode_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, Fernet.generate_key() + b"\n", mode)
+    with pytest.raises(KeyFileError) as excinfo:
+        load_key_ring(tmp_path, None, encrypted_data_exists=True)
+    message = str(excinfo.value)
+    assert "chmod 600" in message
+    assert str(path) in message
+    assert mode_of(path) == mode  # not silently "fixed"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a key\n",
+        b"",
+        b"\n\n  \n",
+        b"\xff\xfe\x00garbage",  # not UTF-8
+        Fernet.generate_key()[:-4] + b"\n",  # truncated key
+        Fernet.generate_key() + b"\nnot a key\n",  # one good line, one bad
+    ],
+)
+def test_garbage_content_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, content)
+    with pytest.raises(KeyFileError) as excinfo:
+        load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    assert str(path) in str(excinfo.value)
+    assert path.read_bytes() == content  # never replaced by a fresh key
+
+
+def test_read_key_file_missing_names_path(tmp_path: Path) -> None:
+    path = tmp_path / ".mfa_key"
+    with pytest.raises(KeyFileError, match=str(path)):
+        read_key_file(path)
+
+
+def test_env_key_wins_over_file(tmp_path: Path) -> None:
+    file_key, env_key = Fernet.generate_key(), Fernet.generate_key()
+    write_with_mode(tmp_path / ".mfa_key", file_key + b"\n")
+    ring, keys, source = load_key_ring(tmp_path, env_key.decode(), encrypted_data_exists=True)
+    assert source == "QPKI_MFA_KEY"
+    assert keys == [env_key]
+    assert ring.decrypt(Fernet(env_key).encrypt(b"x")) == b"x"
+    with pytest.raises(InvalidToken):
+        ring.decrypt(Fernet(file_key).encrypt(b"x"))
+
+
+def test_env_key_needs_no_file(tmp_path: Path) -> None:
+    env_key = Fernet.generate_key()
+    _, keys, source = load_key_ring(tmp_path, env_key.decode(), encrypted_data_exists=True)
+    assert (keys, source) == ([env_key], "QPKI_MFA_KEY")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_env_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="QPKI_MFA_KEY"):
+        load_key_ring(tmp_path, "not-a-key", encrypted_data_exists=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("separator", [",", "\n", ", ", "\r\n", " ,\n "])
+def test_multiple_env_keys(tmp_path: Path, separator: str) -> None:
+    new, old = Fernet.generate_key(), Fernet.generate_key()
+    env = f"{new.decode()}{separator}{old.decode()}"
+    ring, keys, _ = load_key_ring(tmp_path, env, encrypted_data_exists=True)
+    assert keys == [new, old]
+    assert ring.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
+    # The first key is the primary one: new tokens decrypt with it alone.
+    assert Fernet(new).decrypt(ring.encrypt(b"fresh")) == b"fresh"
+
+
+def test_multiple_keys_in_file(tmp_path: Path) -> None:
+    new, old = Fernet.generate_key(), Fernet.generate_key()
+    write_with_mode(tmp_path / ".mfa_key", new + b"\n" + old + b"\n")
+    ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=True)
+    assert keys == [new, old]
+    assert ring.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
+    assert Fernet(new).decrypt(ring.encrypt(b"fresh")) == b"fresh"
+
+
+def test_write_key_file_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / ".mfa_key"
+    old = Fernet.generate_key()
+    write_with_mode(path, old + b"\n", 0o644)
+    inode_before = os.stat(path).st_ino
+    new = Fernet.generate_key()
+    write_key_file(path, [new, old])
+    assert path.read_bytes() == new + b"\n" + old + b"\n"
+    assert mode_of(path) == 0o600
+    assert os.stat(path).st_ino != inode_before  # renamed over, not rewritten in place
+    assert read_key_file(path) == [new, old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]
+
+
+def test_write_key_file_failure_keeps_old_file(tmp_path: Path, monkeypatch) -> None:
+    """A crash before the rename leaves the old key ring intact and no temp file behind."""
+    path = tmp_path / ".mfa_key"
+    old = Fernet.generate_key() + b"\n"
+    write_with_mode(path, old)
+
+    def boom(*args, **kwargs):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(qpki.config.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        write_key_file(path, [Fernet.generate_key()])
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]
+
+
+def test_create_key_file_never_overwrites(tmp_path: Path) -> None:
+    """Another worker won the race: its key is loaded, not replaced."""
+    path = tmp_path / ".mfa_key"
+    theirs = Fernet.generate_key()
+    write_with_mode(path, theirs + b"\n")
+    assert create_key_file(path) == [theirs]
+    assert path.read_bytes() == theirs + b"\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]
+
+
+def test_create_key_file_fresh(tmp_path: Path) -> None:
+    path = tmp_path / ".mfa_key"
+    keys = create_key_file(path)
+    assert read_key_file(path) == keys
+    assert mode_of(path) == 0o600
