@@ -191,3 +191,86 @@ def audit_verify() -> None:
         err=True,
     )
     sys.exit(1)
+
+
+# -- keys --------------------------------------------------------------------------------------
+@main.group(help="The MFA encryption key ring.")
+def keys() -> None:
+    pass
+
+
+@keys.command("rotate", help="Add a new key and re-encrypt every stored secret under it.")
+@click.option(
+    "--retire-old",
+    is_flag=True,
+    help="Drop the old keys once everything decrypts with the newest alone.",
+)
+@click.option(
+    "--reencrypt-only",
+    is_flag=True,
+    help="Only re-encrypt under the ring's first key (after adding a key to QPKI_MFA_KEY).",
+)
+def keys_rotate(retire_old: bool, reencrypt_only: bool) -> None:
+    from cryptography.fernet import Fernet
+
+    from qpki.audit.events import AuditEvent
+    from qpki.auth.key_rotation import RotationError, reencrypt_all, undecryptable_with
+    from qpki.auth.keys import key_file_path, read_key_file, write_key_file
+
+    settings = Settings.from_env()
+    app = _app()
+    db = app.db_manager  # type: ignore[attr-defined]
+    manager = app.auth_manager  # type: ignore[attr-defined]
+    ring = app.mfa_manager.fernet  # type: ignore[attr-defined]
+    path = key_file_path(settings.data_dir)
+    if settings.mfa_key and not reencrypt_only:
+        raise click.ClickException(
+            "The key ring comes from QPKI_MFA_KEY, which this command cannot change. Put a new "
+            "key first in QPKI_MFA_KEY (comma-separated, newest first), restart the servers, run "
+            "`qpki keys rotate --reencrypt-only`, then remove the old key from QPKI_MFA_KEY."
+        )
+    try:
+        if reencrypt_only:
+            counts = reencrypt_all(db, ring)
+            action = "reencrypted"
+        elif retire_old:
+            current = read_key_file(path)
+            if len(current) == 1:
+                click.echo("Only one key in the ring; nothing to retire.")
+                return
+            counts = reencrypt_all(db, ring)
+            left = undecryptable_with(db, current[0])
+            if left:
+                raise click.ClickException(
+                    "Not retiring: still encrypted under an old key: " + ", ".join(left[:5])
+                )
+            write_key_file(path, current[:1])
+            action = "retired_old_keys"
+        else:
+            current = read_key_file(path)
+            write_key_file(path, [Fernet.generate_key(), *current])
+            counts = reencrypt_all(db, app.mfa_manager.fernet)  # type: ignore[attr-defined]
+            action = "rotated"
+    except RotationError as exc:
+        raise click.ClickException(str(exc)) from None
+    details = {
+        "action": action,
+        "totp_secrets": counts.totp_secrets,
+        "backup_code_sets": counts.backup_code_sets,
+        "setup_sessions": counts.setup_sessions,
+    }
+    with _as_cli(), db.transaction() as s:
+        manager.audit.record(s, AuditEvent.KEYS_ROTATED, actor_name=CLI_ACTOR, details=details)
+    summary = (
+        f"{counts.totp_secrets} secrets, {counts.backup_code_sets} backup-code sets and "
+        f"{counts.setup_sessions} pending setups re-encrypted under the newest key."
+    )
+    if action == "rotated":
+        click.echo(
+            f"New key added to {path}. {summary} Running servers pick up the new key "
+            "file within a second. When you are ready: `qpki keys rotate --retire-old`."
+        )
+    elif action == "retired_old_keys":
+        click.echo(f"{summary} Old keys retired; {path} now holds one key.")
+    else:
+        click.echo(summary)

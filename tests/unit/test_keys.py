@@ -49,16 +49,16 @@ def test_created_when_absent_with_mode_0600(tmp_path: Path) -> None:
     assert len(keys) == 1
     assert path.read_bytes() == keys[0] + b"\n"
     Fernet(keys[0])  # a valid key
-    assert Fernet(keys[0]).decrypt(ring.encrypt(b"x")) == b"x"
+    assert Fernet(keys[0]).decrypt(ring.fernet.encrypt(b"x")) == b"x"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]  # no temp leftovers
 
 
 def test_reused_on_next_start(tmp_path: Path) -> None:
     ring1, keys1, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False)
-    token = ring1.encrypt(b"secret")
+    token = ring1.fernet.encrypt(b"secret")
     ring2, keys2, _ = load_key_ring(tmp_path, None, encrypted_data_exists=True)
     assert keys2 == keys1
-    assert ring2.decrypt(token) == b"secret"
+    assert ring2.fernet.decrypt(token) == b"secret"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mfa_key"]
 
 
@@ -141,9 +141,9 @@ def test_env_key_wins_over_file(tmp_path: Path) -> None:
     ring, keys, source = load_key_ring(tmp_path, env_key.decode(), encrypted_data_exists=True)
     assert source == "QPKI_MFA_KEY"
     assert keys == [env_key]
-    assert ring.decrypt(Fernet(env_key).encrypt(b"x")) == b"x"
+    assert ring.fernet.decrypt(Fernet(env_key).encrypt(b"x")) == b"x"
     with pytest.raises(InvalidToken):
-        ring.decrypt(Fernet(file_key).encrypt(b"x"))
+        ring.fernet.decrypt(Fernet(file_key).encrypt(b"x"))
 
 
 def test_env_key_needs_no_file(tmp_path: Path) -> None:
@@ -165,9 +165,9 @@ def test_multiple_env_keys(tmp_path: Path, separator: str) -> None:
     env = f"{new.decode()}{separator}{old.decode()}"
     ring, keys, _ = load_key_ring(tmp_path, env, encrypted_data_exists=True)
     assert keys == [new, old]
-    assert ring.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
+    assert ring.fernet.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
     # The first key is the primary one: new tokens decrypt with it alone.
-    assert Fernet(new).decrypt(ring.encrypt(b"fresh")) == b"fresh"
+    assert Fernet(new).decrypt(ring.fernet.encrypt(b"fresh")) == b"fresh"
 
 
 def test_multiple_keys_in_file(tmp_path: Path) -> None:
@@ -175,8 +175,8 @@ def test_multiple_keys_in_file(tmp_path: Path) -> None:
     write_with_mode(tmp_path / ".mfa_key", new + b"\n" + old + b"\n")
     ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=True)
     assert keys == [new, old]
-    assert ring.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
-    assert Fernet(new).decrypt(ring.encrypt(b"fresh")) == b"fresh"
+    assert ring.fernet.decrypt(Fernet(old).encrypt(b"old row")) == b"old row"
+    assert Fernet(new).decrypt(ring.fernet.encrypt(b"fresh")) == b"fresh"
 
 
 def test_write_key_file_replaces_atomically(tmp_path: Path) -> None:
@@ -224,3 +224,17 @@ def test_create_key_file_fresh(tmp_path: Path) -> None:
     keys = create_key_file(path)
     assert read_key_file(path) == keys
     assert mode_of(path) == 0o600
+
+
+def test_key_ring_reloads_a_rotated_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running server picks up `qpki keys rotate` without a restart (§4.6 workflow)."""
+    import qpki.auth.keys as keys_module
+
+    monkeypatch.setattr(keys_module, "RELOAD_CHECK_SECONDS", 0.0)
+    ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    new = Fernet.generate_key()
+    write_key_file(tmp_path / ".mfa_key", [new, *keys])
+    assert ring.fernet.decrypt(Fernet(new).encrypt(b"after rotation")) == b"after rotation"
+    (tmp_path / ".mfa_key").chmod(0o644)  # a broken file keeps the last good ring
+    (tmp_path / ".mfa_key").write_text("garbage\n")
+    assert ring.fernet.decrypt(Fernet(new).encrypt(b"still")) == b"still"

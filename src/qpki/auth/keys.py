@@ -9,7 +9,10 @@ remedy, because guessing would silently turn 2FA off or lose backup codes.
 
 from __future__ import annotations
 
+import logging
 import stat
+import threading
+import time
 from pathlib import Path
 
 from cryptography.fernet import Fernet, MultiFernet
@@ -17,6 +20,9 @@ from cryptography.fernet import Fernet, MultiFernet
 from qpki.config import write_private_file
 
 KEY_FILE_NAME = ".mfa_key"
+RELOAD_CHECK_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 class KeyFileError(RuntimeError):
@@ -81,9 +87,50 @@ def write_key_file(path: Path, keys: list[bytes]) -> None:
     write_private_file(path, b"".join(k + b"\n" for k in keys))
 
 
+class KeyRing:
+    """The live key ring. When it comes from the file, a changed file is picked up within a
+    second, so ``qpki keys rotate`` never leaves running servers unable to read new tokens.
+    A file that turns unreadable keeps the last good ring in use and logs an error."""
+
+    def __init__(self, keys: list[bytes], path: Path | None = None) -> None:
+        self._fernet = MultiFernet([Fernet(k) for k in keys])
+        self._path = path
+        self._stamp = self._file_stamp()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            info = self._path.stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_ino
+
+    @property
+    def fernet(self) -> MultiFernet:
+        if self._path is not None and time.monotonic() - self._checked >= RELOAD_CHECK_SECONDS:
+            with self._lock:
+                self._checked = time.monotonic()
+                stamp = self._file_stamp()
+                if stamp != self._stamp:
+                    try:
+                        keys = read_key_file(self._path)
+                    except KeyFileError as exc:
+                        log.error(
+                            "key file changed but cannot be used, keeping the old ring: %s", exc
+                        )
+                    else:
+                        self._fernet = MultiFernet([Fernet(k) for k in keys])
+                        self._stamp = stamp
+                        log.info("MFA key ring reloaded (%d keys)", len(keys))
+        return self._fernet
+
+
 def load_key_ring(
     data_dir: Path, env_key: str | None, *, encrypted_data_exists: bool
-) -> tuple[MultiFernet, list[bytes], str]:
+) -> tuple[KeyRing, list[bytes], str]:
     """The key ring to use and where it came from.
 
     ``QPKI_MFA_KEY`` wins over the file when set (a secret store supplies it). Without either,
@@ -92,7 +139,7 @@ def load_key_ring(
     """
     if env_key:
         keys = _parse(env_key, "QPKI_MFA_KEY")
-        return MultiFernet([Fernet(k) for k in keys]), keys, "QPKI_MFA_KEY"
+        return KeyRing(keys), keys, "QPKI_MFA_KEY"
     path = key_file_path(data_dir)
     if path.exists():
         keys = read_key_file(path)
@@ -104,4 +151,4 @@ def load_key_ring(
         )
     else:
         keys = create_key_file(path)
-    return MultiFernet([Fernet(k) for k in keys]), keys, str(path)
+    return KeyRing(keys, path), keys, str(path)

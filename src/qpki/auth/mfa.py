@@ -22,7 +22,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import pyotp
 import qrcode
@@ -40,6 +40,13 @@ BACKUP_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L
 BACKUP_HASH_ITERATIONS = 1000
 BACKUP_HASH_SCHEME = f"pbkdf2-sha256${BACKUP_HASH_ITERATIONS}"
 _SEPARATORS = re.compile(r"[\s\-]+")
+
+
+class _HasFernet(Protocol):
+    """Anything that hands out the current key ring (``qpki.auth.keys.KeyRing``)."""
+
+    @property
+    def fernet(self) -> MultiFernet: ...
 
 
 class CodeKind(enum.Enum):
@@ -94,7 +101,9 @@ def _hash_code(normalised: str, salt: bytes) -> bytes:
 class MFAManager:
     """TOTP, provisioning URI, QR code, backup codes, and encryption of what is stored."""
 
-    def __init__(self, fernet: MultiFernet | None = None, issuer: str = "qPKI") -> None:
+    def __init__(
+        self, fernet: MultiFernet | _HasFernet | None = None, issuer: str = "qPKI"
+    ) -> None:
         if ":" in issuer:
             raise ValueError("the issuer may not contain a colon (Key URI format)")
         self.issuer = issuer
@@ -225,9 +234,12 @@ class MFAManager:
     # -- encryption at rest -----------------------------------------------------------------
     @property
     def fernet(self) -> MultiFernet:
+        """The current ring (a reloading key ring is asked each time)."""
         if self._fernet is None:
             raise RuntimeError("MFAManager was built without a key; encryption is unavailable")
-        return self._fernet
+        if isinstance(self._fernet, MultiFernet):
+            return self._fernet
+        return self._fernet.fernet
 
     def encrypt(self, plaintext: str, at: datetime | float | None = None) -> str:
         """A Fernet token for ``plaintext`` (a fresh IV each time)."""
