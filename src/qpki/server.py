@@ -23,7 +23,8 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load_config(self) -> None:
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # older gunicorn lacks some settings
+                self.cfg.set(key, value)
 
     def load(self) -> Flask:
         return self.application
@@ -49,5 +50,8 @@ def serve(app: Flask, *, host: str, port: int, workers: int) -> None:
         "post_fork": _post_fork,
         "limit_request_field_size": 8190,
         "forwarded_allow_ips": "127.0.0.1,::1",
+        # gunicorn >= 24 opens a control socket in the home directory; several instances on
+        # one machine would contend for it, and qPKI does not use it.
+        "control_socket_disable": True,
     }
     _Gunicorn(app, options).run()
