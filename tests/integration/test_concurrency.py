@@ -83,12 +83,14 @@ def test_different_backup_codes_concurrently_all_succeed(any_app: Flask) -> None
 
 # -- separate processes (each its own engine and connection pool) --------------------------------
 def _process_attempt(
-    settings: Settings, user_id: int, code: str, start: object, out: object
+    settings: Settings, user_id: int, code: str, start: object, out: object, threads: int = 1
 ) -> None:
+    """One worker process: ``threads`` simultaneous attempts with the same code."""
     app = create_app(settings)
+    manager = app.auth_manager  # type: ignore[attr-defined]
     start.wait()  # type: ignore[attr-defined]
-    ok, message = app.auth_manager.verify_mfa_code(user_id, code)  # type: ignore[attr-defined]
-    out.put((ok, message))  # type: ignore[attr-defined]
+    for outcome in _race(threads, lambda: manager.verify_mfa_code(user_id, code)):
+        out.put(outcome)  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
@@ -110,4 +112,40 @@ def test_backup_code_across_processes(make_settings: Callable[..., Settings], db
     for p in procs:
         p.join(30)
     assert sum(ok for ok, _ in results) == 1, results
+    app.db_manager.dispose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["backup_code", "totp"])
+def test_200_attempts_from_two_processes(
+    make_settings: Callable[..., Settings], db_url: str, kind: str
+) -> None:
+    """Two separate worker processes, 100 simultaneous attempts each: one success in all."""
+    settings = make_settings(db_url)
+    app = create_app(settings)
+    app.db_manager.migrate_database()  # type: ignore[attr-defined]
+    user_id, secret, codes = _enable(app)
+    code = (
+        codes[0]
+        if kind == "backup_code"
+        else pyotp.TOTP(secret).at(utcnow() + timedelta(seconds=30))
+    )
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_attempt, args=(settings, user_id, code, start, out, 100))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=60) for _ in range(200)]
+    for p in procs:
+        p.join(30)
+    assert sum(ok for ok, _ in results) == 1
+    expected = "Backup code already used" if kind == "backup_code" else "Invalid verification code"
+    failures = [m for ok, m in results if not ok]
+    # after five failures the account back-off answers first; both refuse the code
+    assert all(m == expected or m.startswith("Too many failed attempts") for m in failures)
+    assert expected in failures
     app.db_manager.dispose()  # type: ignore[attr-defined]

@@ -609,7 +609,6 @@ class AuthManager:
                 else:
                     outcome = ("invalid", None)
             except SecretUnavailable as exc:
-                log.error("2FA data of user id=%s cannot be decrypted; sign-in refused", user.id)
                 self.audit.record(
                     s,
                     AuditEvent.MFA_VERIFY_FAILURE,
@@ -1034,7 +1033,8 @@ class AuthManager:
             return self.mfa.decrypt_backup_entries(user.backup_codes)
         except SecretDecryptionError:
             log.error(
-                "backup codes of user id=%s cannot be decrypted (wrong key or tampering)", user.id
+                "backup codes of user id=%s cannot be decrypted (wrong key or tampering); refused",
+                user.id,
             )
             raise SecretUnavailable() from None
 
@@ -1046,7 +1046,8 @@ class AuthManager:
             return self.mfa.decrypt(token)
         except SecretDecryptionError:
             log.error(
-                "TOTP secret of user id=%s cannot be decrypted (wrong key or tampering)", user_id
+                "TOTP secret of user id=%s cannot be decrypted (wrong key or tampering); refused",
+                user_id,
             )
             raise SecretUnavailable() from None
 
