@@ -148,4 +148,7 @@ def test_200_attempts_from_two_processes(
     # after five failures the account back-off answers first; both refuse the code
     assert all(m == expected or m.startswith("Too many failed attempts") for m in failures)
     assert expected in failures
+    with app.db_manager.transaction(write=False) as s:  # type: ignore[attr-defined]
+        chain = app.auth_manager.audit.verify(s)  # type: ignore[attr-defined]
+    assert chain.ok and chain.checked >= 200  # 200 concurrent writers kept one unbroken chain
     app.db_manager.dispose()  # type: ignore[attr-defined]
