@@ -17,6 +17,7 @@ from qpki.web.session_auth import auth_manager
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 admin_only = role_required("admin")
+PAGE_SIZE = 50
 
 Page = str | Response | tuple[str, int]
 
@@ -27,8 +28,13 @@ def users() -> Page:
     mfa_filter = request.args.get("mfa", "")
     mfa = {"enabled": True, "disabled": False}.get(mfa_filter)
     search = request.args.get("q", "")[:64]
-    rows = auth_manager().list_users(mfa=mfa, search=search)
-    return render_template("admin/users.html", rows=rows, mfa_filter=mfa_filter, search=search)
+    after = request.args.get("after", "")[:64] or None
+    rows = auth_manager().list_users(mfa=mfa, search=search, after=after, limit=PAGE_SIZE + 1)
+    next_after = rows[PAGE_SIZE - 1].user.username_key if len(rows) > PAGE_SIZE else None
+    return render_template(
+        "admin/users.html", rows=rows[:PAGE_SIZE], mfa_filter=mfa_filter, search=search,
+        next_after=next_after, paged=after is not None,
+    )
 
 
 @bp.route("/users/new", methods=["GET", "POST"])
@@ -65,9 +71,7 @@ def _user_page(user_id: int, status: int = 200) -> Page:
         return render_template(
             "errors/error.html", code=404, title="User not found", message="There is no such user."
         ), 404
-    summary = next(
-        (r for r in auth_manager().list_users(search=user.username) if r.user.id == user.id), None
-    )
+    summary = next(iter(auth_manager().list_users(user_id=user.id)), None)
     role_form = RoleForm(role=user.role)
     return render_template(
         "admin/user_detail.html",

@@ -196,14 +196,24 @@ class AuthManager:
                 raise ValueError("get_user needs user_id, username or email")
             return s.scalars(stmt.limit(1)).first()
 
-    def list_users(self, *, mfa: bool | None = None, search: str = "") -> list[UserSummary]:
-        """All users with their 2FA and lock state, for the admin list."""
+    def list_users(
+        self,
+        *,
+        mfa: bool | None = None,
+        search: str = "",
+        after: str | None = None,
+        limit: int | None = None,
+        user_id: int | None = None,
+    ) -> list[UserSummary]:
+        """Users with their 2FA and lock state, by username; keyset-paginated with ``after``."""
         with self.db.transaction(write=False) as s:
             stmt = (
                 select(User, LoginThrottle)
                 .outerjoin(LoginThrottle, LoginThrottle.key == User.username_key)
                 .order_by(User.username_key)
             )
+            if user_id is not None:
+                stmt = stmt.where(User.id == user_id)
             if mfa is not None:
                 stmt = stmt.where(User.two_factor_enabled.is_(mfa))
             if search:
@@ -211,6 +221,10 @@ class AuthManager:
                 stmt = stmt.where(
                     or_(User.username_key.like(pattern), func.lower(User.email).like(pattern))
                 )
+            if after:
+                stmt = stmt.where(User.username_key > after)
+            if limit is not None:
+                stmt = stmt.limit(limit)
             now = utcnow()
             return [
                 UserSummary(
