@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from argon2 import PasswordHasher
+from cryptography.fernet import InvalidToken
 from flask import Flask, g, redirect, request, url_for
 from flask_login import current_user
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from qpki.audit.context import RequestContext, reset_context, set_context
 from qpki.auth.auth_manager import AuthManager
-from qpki.auth.keys import load_key_ring
+from qpki.auth.keys import KeyFileError, KeyRing, load_key_ring
 from qpki.auth.mfa import MFAManager
+from qpki.auth.passwords import Passwords
 from qpki.auth.sessions import SessionPolicy
 from qpki.config import Settings
 from qpki.db.manager import DatabaseManager
@@ -31,15 +34,47 @@ log = logging.getLogger(__name__)
 _PASSWORD_CHANGE_ALLOWED = {"auth.change_password", "auth.logout", "static"}
 
 
-def _encrypted_data_exists(db: DatabaseManager) -> bool:
-    """Whether any stored 2FA data needs the existing key (False before the first migration)."""
+def _sample_tokens(db: DatabaseManager, limit: int = 5) -> list[str]:
+    """A few stored Fernet tokens (none before the first migration)."""
     if "users" not in inspect(db.engine).get_table_names():
-        return False
+        return []
     with db.engine.connect() as conn:
-        row = conn.exec_driver_sql(
-            "SELECT 1 FROM users WHERE totp_secret IS NOT NULL OR backup_codes IS NOT NULL LIMIT 1"
-        ).first()
-    return row is not None
+        rows = conn.execute(
+            text(
+                "SELECT totp_secret FROM users WHERE totp_secret IS NOT NULL "
+                "ORDER BY id LIMIT :limit"
+            ),
+            {"limit": limit},
+        ).all()
+    return [row[0] for row in rows]
+
+
+def _check_key_matches_data(ring: KeyRing, tokens: list[str], source: str) -> None:
+    """Stop start-up when the key cannot decrypt any stored secret (a wrong key was given).
+
+    One bad row is a corrupted row, refused at its own login; none readable is a wrong key,
+    which would otherwise refuse every 2FA sign-in while looking healthy.
+    """
+    if not tokens:
+        return
+    for token in tokens:
+        try:
+            ring.fernet.decrypt(token.encode())
+        except InvalidToken:
+            continue
+        return
+    raise KeyFileError(
+        f"The MFA key from {source} cannot decrypt the 2FA secrets stored in the database. "
+        "Use the key that encrypted them (restore the key file, or fix QPKI_MFA_KEY); "
+        "every instance must use the same key."
+    )
+
+
+def _hasher(profile: str) -> PasswordHasher:
+    """argon2id with argon2-cffi's defaults; "fast" exists for the test suite only."""
+    if profile == "fast":
+        return PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    return PasswordHasher()
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -77,9 +112,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         )
 
     db = DatabaseManager(settings.database_url)
+    tokens = _sample_tokens(db)
     fernet, _keys, key_source = load_key_ring(
-        settings.data_dir, settings.mfa_key, encrypted_data_exists=_encrypted_data_exists(db)
+        settings.data_dir, settings.mfa_key, encrypted_data_exists=bool(tokens)
     )
+    _check_key_matches_data(fernet, tokens, key_source)
     log.info(
         "MFA key ring loaded from %s",
         key_source if key_source == "QPKI_MFA_KEY" else "the key file",
@@ -93,8 +130,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.mfa_manager = MFAManager(fernet, issuer=settings.issuer)  # type: ignore[attr-defined]
     app.auth_manager = AuthManager(  # type: ignore[attr-defined]
         db,
-        app.mfa_manager,
-        session_policy=policy,  # type: ignore[attr-defined]
+        app.mfa_manager,  # type: ignore[attr-defined]
+        session_policy=policy,
+        passwords=Passwords(_hasher(settings.argon2_profile)),
     )
 
     CSRFProtect(app)

@@ -44,16 +44,21 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
-    """Install one handler on the ``qpki`` logger (idempotent, so app factories can repeat)."""
-    logger = logging.getLogger("qpki")
-    logger.setLevel(level)
+    """Install one handler on the ``qpki`` logger (idempotent, so app factories can repeat).
+
+    Flask-Limiter's logger gets the same handler: its warning that the Redis rate-limit storage
+    is unreachable (and the in-memory fallback in use) must reach the operator.
+    """
     formatter: logging.Formatter = JsonFormatter() if json_lines else SafeTextFormatter()
-    for handler in logger.handlers:
-        if getattr(handler, "_qpki", False):
-            handler.setFormatter(formatter)
-            return
-    handler = logging.StreamHandler(sys.stderr)
-    handler._qpki = True  # type: ignore[attr-defined]
-    handler.setFormatter(formatter)
-    logger.addHandler(handler)
-    logger.propagate = True
+    for name, logger_level in (("qpki", level), ("flask-limiter", "INFO")):
+        logger = logging.getLogger(name)
+        logger.setLevel(logger_level)
+        ours = [h for h in logger.handlers if getattr(h, "_qpki", False)]
+        if ours:
+            ours[0].setFormatter(formatter)
+            continue
+        handler = logging.StreamHandler(sys.stderr)
+        handler._qpki = True  # type: ignore[attr-defined]
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        logger.propagate = name == "qpki"

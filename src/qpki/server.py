@@ -49,7 +49,8 @@ def serve(app: Flask, *, host: str, port: int, workers: int) -> None:
         "loglevel": "info",
         "post_fork": _post_fork,
         "limit_request_field_size": 8190,
-        "forwarded_allow_ips": "127.0.0.1,::1",
+        # Forwarded headers are trusted in exactly one place: ProxyFix, by QPKI_PROXY_FIX.
+        "forwarded_allow_ips": "",
         # gunicorn >= 24 opens a control socket in the home directory; several instances on
         # one machine would contend for it, and qPKI does not use it.
         "control_socket_disable": True,

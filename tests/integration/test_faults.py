@@ -169,3 +169,18 @@ def test_corrupted_row_refuses_that_login_only(
 
 def _ensure_path() -> None:  # the child imports qpki from the same environment
     assert Path(sys.executable).exists()
+
+
+def test_wrong_key_stops_startup(make_app: Callable[..., Flask]) -> None:
+    """An instance given another key refuses to start instead of refusing every 2FA login."""
+    from cryptography.fernet import Fernet
+
+    from qpki.auth.keys import KeyFileError
+
+    app = make_app()
+    user = create_user(app, "pat")
+    setup = app.auth_manager.start_mfa_setup(user.id)  # type: ignore[attr-defined]
+    app.auth_manager.confirm_mfa_setup(user.id, oathtool_code(setup.secret))  # type: ignore[attr-defined]
+    with pytest.raises(KeyFileError, match="cannot decrypt the 2FA secrets"):
+        make_app(mfa_key=Fernet.generate_key().decode())
+    assert make_app() is not None  # the right key still starts

@@ -167,8 +167,6 @@ def to_fullwidth(code: str) -> str:
         lambda c: c + "0",  # 7 digits
         lambda c: "0" + c,  # 7 digits
         lambda c: c[:3] + "a" + c[4:],  # a letter
-        lambda c: c[:3] + " " + c[3:],  # inner space
-        lambda c: c[:3] + "-" + c[3:],  # dash
         lambda c: "+" + c[1:],
         lambda c: "",
         to_arabic_indic,  # unicode digits: isdigit() is true for these
@@ -495,3 +493,12 @@ def test_entry_json_has_scheme() -> None:
     entry = BackupCodeEntry(salt="c2FsdA==", hash="aGFzaA==")
     assert BackupCodeEntry.from_json(entry.to_json()) == entry
     assert entry.to_json()["scheme"].startswith("pbkdf2-sha256$")
+
+
+@pytest.mark.parametrize("shape", ["{a} {b}", "{a}-{b}", " {a} {b} ", "{a}\t{b}"])
+def test_verify_accepts_codes_grouped_as_apps_show_them(mfa, shape: str) -> None:
+    """Apps show '123 456'; people type it that way."""
+    secret = mfa.generate_secret()
+    code = mfa.current_code(secret, at=1_700_000_000)
+    typed = shape.format(a=code[:3], b=code[3:])
+    assert mfa.verify_totp(secret, typed, at=1_700_000_000) == mfa.time_step(1_700_000_000)

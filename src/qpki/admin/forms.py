@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, EmailField, PasswordField, SelectField, StringField, SubmitField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, Optional
 
-ROLE_CHOICES = [("viewer", "Viewer"), ("operator", "Operator"), ("admin", "Administrator")]
+ROLE_CHOICES = [
+    SelectChoice("viewer", "Viewer"),
+    SelectChoice("operator", "Operator"),
+    SelectChoice("admin", "Administrator"),
+]
 
 
 class CreateUserForm(FlaskForm):

@@ -32,8 +32,12 @@ def users() -> Page:
     rows = auth_manager().list_users(mfa=mfa, search=search, after=after, limit=PAGE_SIZE + 1)
     next_after = rows[PAGE_SIZE - 1].user.username_key if len(rows) > PAGE_SIZE else None
     return render_template(
-        "admin/users.html", rows=rows[:PAGE_SIZE], mfa_filter=mfa_filter, search=search,
-        next_after=next_after, paged=after is not None,
+        "admin/users.html",
+        rows=rows[:PAGE_SIZE],
+        mfa_filter=mfa_filter,
+        search=search,
+        next_after=next_after,
+        paged=after is not None,
     )
 
 

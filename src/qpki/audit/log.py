@@ -211,7 +211,7 @@ class AuditLog:
                 return VerifyResult(
                     False, checked, row.id, "prev_hash does not match the row before"
                 )
-            if chain_hash(prev, row) != row.hash:
+            if chain_hash(prev, row) != row.hash:  # type: ignore[arg-type]
                 return VerifyResult(False, checked, row.id, "content does not match its hash")
             prev = row.hash
             checked += 1

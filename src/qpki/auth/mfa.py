@@ -165,7 +165,7 @@ class MFAManager:
         Every candidate in the window is compared with ``hmac.compare_digest`` and the loop
         does not stop early, so timing tells nothing about which step matched.
         """
-        code = code.strip()
+        code = _SEPARATORS.sub("", code)  # apps show "123 456"; people type it that way
         if len(code) != TOTP_DIGITS or not code.isdigit() or not code.isascii():
             return None
         now = self.time_step(at)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, render_template
+from flask import Flask, current_app, g, render_template
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
@@ -25,6 +25,10 @@ MESSAGES = {
 
 
 def _page(code: int, detail: str | None = None) -> tuple[str, int]:
+    if code >= 500:
+        # Rendering asks Flask-Login for the user; when the database is what failed, that
+        # would fail again inside this handler. Render the page as anonymous instead.
+        g._login_user = current_app.login_manager.anonymous_user()  # type: ignore[attr-defined]
     title, message = MESSAGES.get(code, MESSAGES[500])
     return render_template(
         "errors/error.html", code=code, title=title, message=detail or message
