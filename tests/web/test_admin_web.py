@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 import pytest
-from argon2 import PasswordHasher
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -22,7 +20,6 @@ from helpers import PASSWORD, create_user, enroll, login, page, text_of
 from qpki.audit.events import AuditEvent
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import User
-from qpki.auth.passwords import Passwords
 
 NEW_PASSWORD = "another quite long passphrase"
 
@@ -56,18 +53,6 @@ ROUTE_DATA: dict[str, dict[str, str]] = {
 
 
 # -- helpers local to this module -----------------------------------------------------------------
-
-
-def fast_hashing(app: Flask) -> Flask:
-    """Cheap argon2 parameters for this app (Settings.argon2_profile="fast" is not wired up)."""
-    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    app.auth_manager.passwords = Passwords(hasher)  # type: ignore[attr-defined]
-    return app
-
-
-@pytest.fixture
-def app(make_app: Callable[..., Flask]) -> Flask:
-    return fast_hashing(make_app())
 
 
 def main_text(response: TestResponse) -> str:

@@ -3,31 +3,16 @@ forced password change and changing one's password."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 import pytest
-from argon2 import PasswordHasher
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from helpers import PASSWORD, create_user, login, page, text_of
-from qpki.auth.passwords import Passwords
 
 NEW_PASSWORD = "another quite long passphrase"
-
-
-def fast_hashing(app: Flask) -> Flask:
-    """Cheap argon2 parameters for this app (Settings.argon2_profile="fast" is not wired up)."""
-    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    app.auth_manager.passwords = Passwords(hasher)  # type: ignore[attr-defined]
-    return app
-
-
-@pytest.fixture
-def app(make_app: Callable[..., Flask]) -> Flask:
-    return fast_hashing(make_app())
 
 
 def main_text(response: TestResponse) -> str:

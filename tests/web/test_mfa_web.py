@@ -8,13 +8,11 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from argon2 import PasswordHasher
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
@@ -34,7 +32,6 @@ from helpers import (
 )
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import MFASetupSession, User, UserSession
-from qpki.auth.passwords import Passwords
 from qpki.db.base import utcnow
 
 INVALID_CODE = "Invalid verification code"
@@ -42,18 +39,6 @@ VERIFY = "/auth/mfa/verify"
 
 
 # -- helpers local to this module -----------------------------------------------------------------
-
-
-def fast_hashing(app: Flask) -> Flask:
-    """Cheap argon2 parameters for this app (Settings.argon2_profile="fast" is not wired up)."""
-    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    app.auth_manager.passwords = Passwords(hasher)  # type: ignore[attr-defined]
-    return app
-
-
-@pytest.fixture
-def app(make_app: Callable[..., Flask]) -> Flask:
-    return fast_hashing(make_app())
 
 
 def main_text(response: TestResponse) -> str:

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import pyotp
 import pytest
-from argon2 import PasswordHasher
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
@@ -17,24 +16,11 @@ from werkzeug.test import TestResponse
 
 from helpers import PASSWORD, create_user, login, next_step_code, page
 from qpki.auth.models import UserSession
-from qpki.auth.passwords import Passwords
-
-
-def fast_hashing(app: Flask) -> Flask:
-    """Cheap argon2 parameters for this app (Settings.argon2_profile="fast" is not wired up)."""
-    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    app.auth_manager.passwords = Passwords(hasher)  # type: ignore[attr-defined]
-    return app
-
-
-@pytest.fixture
-def app(make_app: Callable[..., Flask]) -> Flask:
-    return fast_hashing(make_app())
 
 
 @pytest.fixture
 def csrf_app(make_app: Callable[..., Flask]) -> Flask:
-    return fast_hashing(make_app(csrf_enabled=True))
+    return make_app(csrf_enabled=True)
 
 
 # -- helpers local to this module -----------------------------------------------------------------
@@ -207,7 +193,7 @@ def test_session_cookie_is_httponly_and_samesite_lax(app: Flask, client: FlaskCl
 
 
 def test_https_cookie_is_host_prefixed_and_secure(make_app: Callable[..., Flask]) -> None:
-    app = fast_hashing(make_app(https=True))
+    app = make_app(https=True)
     create_user(app, "alice")
     client = app.test_client()
     response = client.post(
@@ -306,7 +292,7 @@ def test_oversized_request_is_refused_with_413(app: Flask, csrf_app: Flask) -> N
 
 # -- rate limits and back-off ---------------------------------------------------------------------
 def test_per_address_rate_limit_on_login(make_app: Callable[..., Flask]) -> None:
-    app = fast_hashing(make_app(rate_limits_enabled=True))
+    app = make_app(rate_limits_enabled=True)
     client = app.test_client()
     statuses = []
     limited: TestResponse | None = None
