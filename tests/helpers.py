@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pyotp
 from bs4 import BeautifulSoup
@@ -80,3 +81,26 @@ def login_with_mfa(
     first = login(client, username, password)
     assert first.status_code == 302 and first.headers["Location"].endswith("/auth/mfa/verify")
     return client.post("/auth/mfa/verify", data={"code": code})
+
+
+def main_text(response: TestResponse) -> str:
+    main = page(response).find("main")
+    assert main is not None, response.get_data(as_text=True)[:500]
+    return main.get_text(" ", strip=True)
+
+
+def location_target(response: TestResponse) -> str:
+    """The redirect target (path and query), asserting it stays on this site."""
+    assert response.status_code in (301, 302, 303, 307, 308), response.status_code
+    target = response.headers["Location"]
+    parts = urlsplit(target)
+    assert parts.scheme in ("", "http"), target
+    assert parts.netloc in ("", "localhost"), target
+    assert not parts.path.startswith(("//", "/\\")), target
+    assert "\\" not in target, target
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def location_path(response: TestResponse) -> str:
+    """The redirect target's path, asserting it stays on this site."""
+    return location_target(response).split("?", 1)[0]

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, enroll, login, page, text_of
+from helpers import PASSWORD, create_user, enroll, location_path, login, main_text, page, text_of
 from qpki.audit.events import AuditEvent
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import User
@@ -53,19 +53,6 @@ ROUTE_DATA: dict[str, dict[str, str]] = {
 
 
 # -- helpers local to this module -----------------------------------------------------------------
-
-
-def main_text(response: TestResponse) -> str:
-    main = page(response).find("main")
-    assert main is not None, response.get_data(as_text=True)[:500]
-    return main.get_text(" ", strip=True)
-
-
-def location_path(response: TestResponse) -> str:
-    assert response.status_code in (301, 302, 303, 307, 308), response.status_code
-    parts = urlsplit(response.headers["Location"])
-    assert parts.netloc in ("", "localhost"), response.headers["Location"]
-    return parts.path
 
 
 def logged_in(app: Flask, username: str, password: str = PASSWORD) -> FlaskClient:

@@ -129,3 +129,21 @@ def test_hostile_input_never_breaks_anything(victim, form, content_type, data) -
 def test_oversized_body_is_refused_cleanly(app: Flask) -> None:
     response = app.test_client().post("/auth/login", data={"username": "x" * 200_000})
     assert response.status_code == 413 and "Traceback" not in response.get_data(as_text=True)
+
+
+def test_submitted_codes_are_never_echoed_back(app: Flask) -> None:
+    """A wrong or reused code typed at the verify page is not sent back in the HTML."""
+    create_user(app, "echo")
+    client = app.test_client()
+    assert login(client, "echo").status_code == 302
+    _secret, codes = enroll(client)
+    client.post("/auth/logout", data={})
+    login(client, "echo")
+    for typed in ("999999", "ZZZZ-ZZZZ", "1" * 40):
+        response = client.post("/auth/mfa/verify", data={"code": typed})
+        assert response.status_code in (200, 400) and typed not in response.get_data(as_text=True)
+    assert client.post("/auth/mfa/verify", data={"code": codes[0]}).status_code == 302
+    client.post("/auth/logout", data={})
+    login(client, "echo")
+    body = client.post("/auth/mfa/verify", data={"code": codes[0]}).get_data(as_text=True)
+    assert "Backup code already used" in body and codes[0] not in body

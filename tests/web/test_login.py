@@ -3,34 +3,16 @@ forced password change and changing one's password."""
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, login, page, text_of
+from helpers import PASSWORD, create_user, location_target, login, main_text, page, text_of
 
 NEW_PASSWORD = "another quite long passphrase"
-
-
-def main_text(response: TestResponse) -> str:
-    main = page(response).find("main")
-    assert main is not None, response.get_data(as_text=True)[:500]
-    return main.get_text(" ", strip=True)
-
-
-def location_path(response: TestResponse) -> str:
-    """The redirect target, asserting it stays on this site."""
-    assert response.status_code in (301, 302, 303, 307, 308), response.status_code
-    target = response.headers["Location"]
-    parts = urlsplit(target)
-    assert parts.scheme in ("", "http"), target
-    assert parts.netloc in ("", "localhost"), target
-    assert not parts.path.startswith(("//", "/\\")), target
-    assert "\\" not in target, target
-    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def cookie_name(app: Flask) -> str:
@@ -42,7 +24,7 @@ def test_login_success_lands_on_home_showing_the_username(app: Flask, client: Fl
     create_user(app, "alice")
     response = login(client, "alice")
     assert response.status_code == 302
-    assert location_path(response) == "/"
+    assert location_target(response) == "/"
     home = client.get("/")
     assert home.status_code == 200
     assert "alice" in main_text(home)
@@ -58,7 +40,7 @@ def test_username_is_case_insensitive(app: Flask, client: FlaskClient) -> None:
 def test_anonymous_home_redirects_to_login(client: FlaskClient) -> None:
     response = client.get("/")
     assert response.status_code == 302
-    assert location_path(response).startswith("/auth/login")
+    assert location_target(response).startswith("/auth/login")
 
 
 # -- uniform failure ------------------------------------------------------------------------------
@@ -84,7 +66,7 @@ def test_failed_login_opens_no_session(app: Flask, client: FlaskClient) -> None:
     login(client, "alice", "not the right passphrase")
     response = client.get("/")
     assert response.status_code == 302
-    assert location_path(response).startswith("/auth/login")
+    assert location_target(response).startswith("/auth/login")
 
 
 def test_deactivated_account_cannot_log_in_with_the_right_password(
@@ -104,7 +86,7 @@ EVIL_NEXT = ["//evil.example", "https://evil.example", "/\\evil.example", "/%5Ce
 def test_next_posted_off_site_is_refused(app: Flask, evil: str) -> None:
     create_user(app, "alice")
     response = login(app.test_client(), "alice", next=evil)
-    target = location_path(response)
+    target = location_target(response)
     if evil == "/%5Cevil":
         # Posted literally, "%5C" is an encoded character inside a local path; browsers never
         # decode it to a backslash, so it may only stay on this site (checked above) or be "/".
@@ -123,26 +105,26 @@ def test_next_from_login_link_off_site_is_refused(app: Flask, evil: str) -> None
     field = page(form_page).find("input", attrs={"name": "next"})
     carried = field.get("value", "") if field else ""
     response = login(client, "alice", next=carried)
-    assert location_path(response) == "/"
+    assert location_target(response) == "/"
 
 
 def test_same_site_next_is_honoured(app: Flask, client: FlaskClient) -> None:
     create_user(app, "alice")
     response = login(client, "alice", next="/auth/profile")
-    assert location_path(response) == "/auth/profile"
+    assert location_target(response) == "/auth/profile"
 
 
 def test_protected_page_sends_to_login_and_back(app: Flask, client: FlaskClient) -> None:
     create_user(app, "alice")
     bounced = client.get("/auth/profile")
     assert bounced.status_code == 302
-    login_url = location_path(bounced)
+    login_url = location_target(bounced)
     assert login_url.startswith("/auth/login")
     form_page = client.get(login_url)
     carried = page(form_page).find("input", attrs={"name": "next"})["value"]
     assert carried == "/auth/profile"
     response = login(client, "alice", next=carried)
-    assert location_path(response) == "/auth/profile"
+    assert location_target(response) == "/auth/profile"
     assert client.get("/auth/profile").status_code == 200
 
 
@@ -165,14 +147,14 @@ def test_logout_ends_the_session_on_the_server(app: Flask, client: FlaskClient) 
 
     out = client.post("/auth/logout")
     assert out.status_code == 302
-    assert location_path(out).startswith("/auth/login")
+    assert location_target(out).startswith("/auth/login")
     assert client.get("/").status_code == 302
 
     # A copy of the cookie taken before logout is dead: the server ended the session record.
     client.set_cookie(name, old_value)
     replay = client.get("/")
     assert replay.status_code == 302
-    assert location_path(replay).startswith("/auth/login")
+    assert location_target(replay).startswith("/auth/login")
     other = app.test_client()
     other.set_cookie(name, old_value)
     assert other.get("/auth/profile").status_code == 302
@@ -188,7 +170,7 @@ def test_temporary_password_forces_a_change_on_every_page(app: Flask, client: Fl
     for path in ("/", "/auth/profile", "/auth/mfa/setup", "/admin/users", "/admin/audit"):
         response = client.get(path)
         assert response.status_code == 302, path
-        assert location_path(response) == "/auth/change-password", path
+        assert location_target(response) == "/auth/change-password", path
     assert client.get("/auth/change-password").status_code == 200
 
     done = client.post(
@@ -271,12 +253,12 @@ def test_change_password_ends_other_sessions_but_keeps_this_one(
 
     done = _change(client, PASSWORD, NEW_PASSWORD)
     assert done.status_code == 302
-    assert location_path(done) == "/auth/profile"
+    assert location_target(done) == "/auth/profile"
     assert client.get("/").status_code == 200
 
     kicked = other.get("/")
     assert kicked.status_code == 302
-    assert location_path(kicked).startswith("/auth/login")
+    assert location_target(kicked).startswith("/auth/login")
     assert login(app.test_client(), "alice", PASSWORD).status_code != 302
     assert login(app.test_client(), "alice", NEW_PASSWORD).status_code == 302
     assert "alice" in text_of(client.get("/"))

@@ -10,7 +10,6 @@ import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from flask import Flask
@@ -23,8 +22,10 @@ from helpers import (
     PASSWORD,
     create_user,
     enroll,
+    location_path,
     login,
     login_with_mfa,
+    main_text,
     next_step_code,
     oathtool_code,
     page,
@@ -39,19 +40,6 @@ VERIFY = "/auth/mfa/verify"
 
 
 # -- helpers local to this module -----------------------------------------------------------------
-
-
-def main_text(response: TestResponse) -> str:
-    main = page(response).find("main")
-    assert main is not None, response.get_data(as_text=True)[:500]
-    return main.get_text(" ", strip=True)
-
-
-def location_path(response: TestResponse) -> str:
-    assert response.status_code in (301, 302, 303, 307, 308), response.status_code
-    parts = urlsplit(response.headers["Location"])
-    assert parts.netloc in ("", "localhost"), response.headers["Location"]
-    return parts.path
 
 
 def mfa_enabled(app: Flask, user_id: int) -> bool:

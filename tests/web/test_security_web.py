@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import pyotp
 import pytest
@@ -14,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, login, next_step_code, page
+from helpers import PASSWORD, create_user, location_path, login, main_text, next_step_code, page
 from qpki.auth.models import UserSession
 
 
@@ -24,17 +23,6 @@ def csrf_app(make_app: Callable[..., Flask]) -> Flask:
 
 
 # -- helpers local to this module -----------------------------------------------------------------
-def main_text(response: TestResponse) -> str:
-    main = page(response).find("main")
-    assert main is not None, response.get_data(as_text=True)[:500]
-    return main.get_text(" ", strip=True)
-
-
-def location_path(response: TestResponse) -> str:
-    assert response.status_code in (301, 302, 303, 307, 308), response.status_code
-    parts = urlsplit(response.headers["Location"])
-    assert parts.netloc in ("", "localhost"), response.headers["Location"]
-    return parts.path
 
 
 def csrf_token(client: FlaskClient, url: str, form_action: str | None = None) -> str:

@@ -107,11 +107,13 @@ def mfa_verify() -> Page:
         return redirect(url_for("auth.login"))
     form = VerifyForm()
     if not form.validate_on_submit():
+        form.code.data = ""
         return render_template("auth/mfa_verify.html", form=form), (
             400 if request.method == "POST" else 200
         )
     result = auth_manager().complete_mfa_login(token, form.code.data, **_client())
     if not result.success:
+        form.code.data = ""  # never echo a submitted code back into the page
         flash(result.message, "error")
         status = 429 if result.retry_at else 403 if result.locked else 200
         return (
@@ -220,6 +222,7 @@ def end_other_sessions() -> Response:
 
 # -- enrolment -------------------------------------------------------------------------------------
 def _setup_page(form: SetupConfirmForm, setup: object, status: int = 200) -> Page:
+    form.code.data = ""  # never echo a submitted code back into the page
     qr = base64.b64encode(setup.qr_png).decode()  # type: ignore[attr-defined]
     return render_template("auth/mfa_setup.html", form=form, setup=setup, qr_data=qr), status
 

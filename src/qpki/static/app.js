@@ -43,14 +43,8 @@
     var secret = document.getElementById("mfa-secret");
     if (!button || !secret) return;
     var status = document.getElementById("copy-status");
-    var label = button.textContent;
-    var timer = null;
-
     function done(text) {
       setStatus(status, text);
-      button.textContent = "Copied";
-      window.clearTimeout(timer);
-      timer = window.setTimeout(function () { button.textContent = label; }, 2500);
     }
 
     function legacyCopy(text) {
