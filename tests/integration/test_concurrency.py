@@ -45,12 +45,18 @@ def _race(count: int, attempt: Callable[[], tuple[bool, str]]) -> list[tuple[boo
     return results
 
 
+def _refusals(results: list[tuple[bool, str]]) -> set[str]:
+    """Why the losers lost. Once five have failed, the account back-off may answer first
+    ("Too many failed attempts"): that refusal is just as good and is left out here."""
+    return {m for ok, m in results if not ok and not m.startswith("Too many failed attempts")}
+
+
 def test_one_backup_code_20_threads_one_success(any_app: Flask) -> None:
     user_id, _, codes = _enable(any_app)
     results = _race(THREADS, lambda: any_app.auth_manager.verify_mfa_code(user_id, codes[0]))  # type: ignore[attr-defined]
     assert len(results) == THREADS
     assert sum(ok for ok, _ in results) == 1
-    assert {m for ok, m in results if not ok} == {"Backup code already used"}
+    assert _refusals(results) == {"Backup code already used"}
     assert any_app.auth_manager.get_backup_codes_info(user_id).remaining == 7  # type: ignore[attr-defined]
 
 
@@ -63,7 +69,7 @@ def test_one_totp_code_20_threads_one_success(any_app: Flask) -> None:
         lambda: any_app.auth_manager.verify_mfa_code(user_id, code, now=at),  # type: ignore[attr-defined]
     )
     assert sum(ok for ok, _ in results) == 1
-    assert {m for ok, m in results if not ok} == {"Invalid verification code"}
+    assert _refusals(results) == {"Invalid verification code"}
 
 
 def test_different_backup_codes_concurrently_all_succeed(any_app: Flask) -> None:
