@@ -22,5 +22,11 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
+bench: install
+	$(BIN)/python bench/run.py
+
+bench-quick: install
+	$(BIN)/python bench/run.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

@@ -56,9 +56,14 @@ def migrate() -> None:
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
 def run(host: str, port: int, workers: int) -> None:
+    import subprocess
+
     from qpki.server import serve
 
-    app = _app(migrate=True)
+    # Migrate in a child process, so the serving processes never load Alembic.
+    if subprocess.run([sys.executable, "-m", "qpki", "migrate"], check=False).returncode:
+        raise click.ClickException("Migration failed; see the messages above.")
+    app = _app(migrate=False)
     if app.auth_manager.count_users() == 0:  # type: ignore[attr-defined]
         click.echo(
             "No users yet. Create the first administrator in another terminal with:\n"

@@ -46,11 +46,12 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     """Install one handler on the ``qpki`` logger (idempotent, so app factories can repeat).
 
-    Flask-Limiter's logger gets the same handler: its warning that the Redis rate-limit storage
-    is unreachable (and the in-memory fallback in use) must reach the operator.
+    Flask-Limiter's logger gets the same handler at WARNING: its warning that the Redis
+    rate-limit storage is unreachable (and the in-memory fallback in use) must reach the
+    operator, while its line for every rejected request would flood the log under attack.
     """
     formatter: logging.Formatter = JsonFormatter() if json_lines else SafeTextFormatter()
-    for name, logger_level in (("qpki", level), ("flask-limiter", "INFO")):
+    for name, logger_level in (("qpki", level), ("flask-limiter", "WARNING")):
         logger = logging.getLogger(name)
         logger.setLevel(logger_level)
         ours = [h for h in logger.handlers if getattr(h, "_qpki", False)]

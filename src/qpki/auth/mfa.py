@@ -25,10 +25,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import pyotp
-import qrcode
-import qrcode.constants
 from cryptography.fernet import InvalidToken, MultiFernet
-from qrcode.image.pil import PilImage
 
 TOTP_DIGITS = 6
 TOTP_PERIOD = 30
@@ -126,6 +123,10 @@ class MFAManager:
     @staticmethod
     def qr_png(uri: str) -> bytes:
         """The URI as a QR code PNG, rendered here (never by a third-party service)."""
+        import qrcode  # imported on first enrolment: most workers never draw a QR code
+        import qrcode.constants
+        from qrcode.image.pil import PilImage
+
         qr = qrcode.QRCode(
             error_correction=qrcode.constants.ERROR_CORRECT_M,
             box_size=8,
