@@ -17,7 +17,7 @@ run: install
 	$(BIN)/qpki run
 
 lint: install
-	$(BIN)/ruff check src tests app.py
+	$(BIN)/ruff check src tests bench app.py
 
 test: lint
 	$(BIN)/python -m pytest
