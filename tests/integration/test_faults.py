@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -165,10 +164,6 @@ def test_corrupted_row_refuses_that_login_only(
     assert app.auth_manager.get_user(username="nia").two_factor_enabled  # type: ignore[attr-defined]
     other = app.test_client()
     assert login_with_mfa(other, "oto", next_step_code(secrets["oto"])).status_code == 302
-
-
-def _ensure_path() -> None:  # the child imports qpki from the same environment
-    assert Path(sys.executable).exists()
 
 
 def test_wrong_key_stops_startup(make_app: Callable[..., Flask]) -> None:
