@@ -1028,14 +1028,25 @@ class AuthManager:
                 )
                 self._audit_throttle_transition(s, failure, user, user.username)
             raise ValidationFailed("Password is incorrect.")
-        fresh = mfa_verified_at is not None and now - mfa_verified_at <= REAUTH_FRESHNESS
-        if user.two_factor_enabled and (code or not fresh):
+        if user.two_factor_enabled and (
+            code or self.step_up_needs_code(user, mfa_verified_at, now=now)
+        ):
             if not code:
                 raise ValidationFailed("Enter a current verification code from your app.")
             ok, message = self.verify_mfa_code(user_id, code, now=now)
             if not ok:
                 raise MFAError(message)
         return user
+
+    @staticmethod
+    def step_up_needs_code(
+        user: User, mfa_verified_at: datetime | None, *, now: datetime | None = None
+    ) -> bool:
+        """Whether a sensitive change must also take a current code: 2FA is on and the
+        second factor was not passed within the last REAUTH_FRESHNESS."""
+        now = now or utcnow()
+        fresh = mfa_verified_at is not None and now - mfa_verified_at <= REAUTH_FRESHNESS
+        return bool(user.two_factor_enabled) and not fresh
 
     def _backup_entries(self, user: User) -> list[BackupCodeEntry]:
         if not user.backup_codes:

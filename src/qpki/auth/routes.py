@@ -170,13 +170,8 @@ def profile() -> Page:
 
 
 def _needs_code() -> bool:
-    """Whether a step-up form must ask for a code (2FA on and the login is not fresh)."""
-    verified = mfa_verified_at()
-    from qpki.auth.auth_manager import REAUTH_FRESHNESS
-
-    return bool(current_user.two_factor_enabled) and (
-        verified is None or utcnow() - verified > REAUTH_FRESHNESS
-    )
+    """Whether the step-up forms on this page must ask for a code (the service decides)."""
+    return auth_manager().step_up_needs_code(current_user, mfa_verified_at())
 
 
 @bp.route("/change-password", methods=["GET", "POST"])
