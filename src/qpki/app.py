@@ -94,7 +94,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         PREFERRED_URL_SCHEME="https" if settings.https else "http",
         WTF_CSRF_ENABLED=settings.csrf_enabled,
         WTF_CSRF_TIME_LIMIT=None,  # the token is bound to the session, which expires itself
-        RATELIMIT_ENABLED=settings.rate_limits_enabled,
+        # The extension is shared by every app in a process; whether this app's limits apply
+        # is decided per request from QPKI_RATE_LIMITS (see qpki.web.limits.per_address).
+        RATELIMIT_ENABLED=True,
+        QPKI_RATE_LIMITS=settings.rate_limits_enabled,
         RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
         RATELIMIT_SWALLOW_ERRORS=True,

@@ -36,7 +36,7 @@ from qpki.auth.forms import (
     VerifyForm,
 )
 from qpki.db.base import utcnow
-from qpki.web.limits import LOGIN_LIMIT, REGENERATE_LIMIT, SETUP_LIMIT, VERIFY_LIMIT, limiter
+from qpki.web.limits import LOGIN_LIMIT, REGENERATE_LIMIT, SETUP_LIMIT, VERIFY_LIMIT, per_address
 from qpki.web.security import is_safe_next
 from qpki.web.session_auth import (
     NEXT_KEY,
@@ -70,7 +70,7 @@ def _after_login() -> Response:
 
 # -- login, second factor, logout ------------------------------------------------------------------
 @bp.route("/login", methods=["GET", "POST"])
-@limiter.limit(LOGIN_LIMIT, methods=["POST"])
+@per_address(LOGIN_LIMIT, methods=["POST"])
 def login() -> Page:
     if current_user.is_authenticated and request.method == "GET":
         return redirect(url_for("main.index"))
@@ -96,7 +96,7 @@ def login() -> Page:
 
 
 @bp.route("/mfa/verify", methods=["GET", "POST"])
-@limiter.limit(VERIFY_LIMIT, methods=["POST"])
+@per_address(VERIFY_LIMIT, methods=["POST"])
 def mfa_verify() -> Page:
     _ = current_user.is_authenticated  # resolve the session (fills the pending row)
     if current_user.is_authenticated:
@@ -224,7 +224,7 @@ def _setup_page(form: SetupConfirmForm, setup: object, status: int = 200) -> Pag
 
 @bp.route("/mfa/setup", methods=["GET", "POST"])
 @login_required
-@limiter.limit(SETUP_LIMIT, methods=["POST"])
+@per_address(SETUP_LIMIT, methods=["POST"])
 def mfa_setup() -> Page:
     manager = auth_manager()
     if current_user.two_factor_enabled:
@@ -302,7 +302,7 @@ def backup_codes() -> Page:
 
 @bp.post("/mfa/backup-codes/regenerate")
 @login_required
-@limiter.limit(REGENERATE_LIMIT)
+@per_address(REGENERATE_LIMIT)
 def regenerate_backup_codes() -> Page:
     form = RegenerateForm()
     if form.validate_on_submit():

@@ -7,6 +7,10 @@ leaves the second factor unthrottled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from flask import current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
@@ -16,3 +20,13 @@ SETUP_LIMIT = "20 per minute"
 REGENERATE_LIMIT = "10 per minute"
 
 limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)
+
+
+def _switched_off() -> bool:
+    """QPKI_RATE_LIMITS=0, read from the app serving the request (not the last one built)."""
+    return not current_app.config["QPKI_RATE_LIMITS"]
+
+
+def per_address(limit: str, methods: list[str] | None = None) -> Callable[[Any], Any]:
+    """A per-client-address limit on a view, honouring this app's QPKI_RATE_LIMITS."""
+    return limiter.limit(limit, methods=methods, exempt_when=_switched_off)
