@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from flask import Flask
 
+from qpki.web.limits import LOGIN_LIMIT
+
 
 def _hammer(app: Flask, times: int) -> list[int]:
     client = app.test_client()
@@ -18,6 +20,7 @@ def _hammer(app: Flask, times: int) -> list[int]:
 def test_limits_are_per_app(make_app: Callable[..., Flask]) -> None:
     limited = make_app(rate_limits_enabled=True)
     unlimited = make_app(rate_limits_enabled=False)  # built last: must not switch `limited` off
-    assert 429 not in _hammer(unlimited, 35)
-    statuses = _hammer(limited, 31)
-    assert 429 not in statuses[:30] and statuses[30] == 429
+    allowed = int(LOGIN_LIMIT.split()[0])
+    assert 429 not in _hammer(unlimited, allowed + 5)
+    statuses = _hammer(limited, allowed + 1)
+    assert 429 not in statuses[:allowed] and statuses[allowed] == 429

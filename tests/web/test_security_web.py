@@ -15,6 +15,7 @@ from werkzeug.test import TestResponse
 
 from helpers import PASSWORD, create_user, location_path, login, main_text, next_step_code, page
 from qpki.auth.models import UserSession
+from qpki.web.limits import LOGIN_LIMIT
 
 
 @pytest.fixture
@@ -284,7 +285,8 @@ def test_per_address_rate_limit_on_login(make_app: Callable[..., Flask]) -> None
     client = app.test_client()
     statuses = []
     limited: TestResponse | None = None
-    for i in range(31):
+    allowed = int(LOGIN_LIMIT.split()[0])
+    for i in range(allowed + 1):
         # A different name each time: the per-account back-off never triggers.
         response = login(client, f"someone-{i}", "a wrong passphrase")
         statuses.append(response.status_code)
@@ -293,7 +295,7 @@ def test_per_address_rate_limit_on_login(make_app: Callable[..., Flask]) -> None
             break
         assert "Invalid username or password" in main_text(response), i
     assert limited is not None, statuses
-    assert len(statuses) == 31, statuses
+    assert len(statuses) == allowed + 1, statuses
     retry = limited.headers.get("Retry-After", "")
     assert retry.isdigit() and int(retry) > 0, limited.headers
     assert "Try again in" not in main_text(limited)  # the account throttle did not answer

@@ -14,8 +14,10 @@ from flask import current_app
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 
-LOGIN_LIMIT = "30 per minute;300 per hour"
-VERIFY_LIMIT = "30 per minute;300 per hour"
+# Generous enough for an office behind one NAT address at 9 a.m.; the per-account throttle
+# (in the database) is what protects each account.
+LOGIN_LIMIT = "60 per minute;1000 per hour"
+VERIFY_LIMIT = "60 per minute;1000 per hour"
 SETUP_LIMIT = "20 per minute"
 REGENERATE_LIMIT = "10 per minute"
 
