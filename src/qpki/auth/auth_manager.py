@@ -287,13 +287,11 @@ class AuthManager(MFAUseCases, SessionUseCases):
             raise NotFound("User not found.")
         if not self.passwords.verify(user.password_hash, current_password):
             with self.db.transaction() as s:
-                self.audit.record(
+                self._audit_own(
                     s,
                     AuditEvent.PASSWORD_CHANGED,
+                    user,
                     Outcome.FAILURE,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
                     details={"reason": "bad_password"},
                 )
             raise ValidationFailed("Current password is incorrect.")
@@ -306,16 +304,13 @@ class AuthManager(MFAUseCases, SessionUseCases):
             row.password_hash = new_hash
             row.must_change_password = False
             row.password_changed_at = now
-            keep = self.sessions.find(s, keep_session_token) if keep_session_token else None
             ended = self.sessions.end_all(
-                s, user_id, "password_changed", now, keep_id=keep.id if keep else None
+                s, user_id, "password_changed", now, keep_token=keep_session_token
             )
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.PASSWORD_CHANGED,
-                **self._actor(row),
-                target_user_id=row.id,
-                target_name=row.username,
+                row,
                 details={"sessions_ended": ended},
             )
 

@@ -101,12 +101,10 @@ class MFAUseCases(ServiceBase):
                     expires_at=expires,
                 )
             )
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.MFA_SETUP_STARTED,
-                **self._actor(user),
-                target_user_id=user.id,
-                target_name=user.username,
+                user,
                 details={"replaces_existing": user.two_factor_enabled},
             )
             username = user.username
@@ -147,13 +145,11 @@ class MFAUseCases(ServiceBase):
             step = self.mfa.verify_totp(secret, code, at=now)
             if step is None:
                 failure = self.throttle.record_failure(s, user.username_key, now)
-                self.audit.record(
+                self._audit_own(
                     s,
                     AuditEvent.MFA_VERIFY_FAILURE,
+                    user,
                     Outcome.FAILURE,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
                     details={"reason": "invalid", "stage": "setup", "failures": failure.failures},
                 )
                 self._audit_throttle_transition(s, failure, user, user.username)
@@ -168,12 +164,10 @@ class MFAUseCases(ServiceBase):
             user.mfa_enabled_at = now
             s.delete(pending)
             self.throttle.reset(s, user.username_key)
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.MFA_ENABLED,
-                **self._actor(user),
-                target_user_id=user.id,
-                target_name=user.username,
+                user,
                 details={"method": "totp", "codes_issued": len(codes), "replaced": was_enabled},
             )
         return codes
@@ -233,13 +227,11 @@ class MFAUseCases(ServiceBase):
             self._check_throttle(state, now)  # before any decryption or hashing
         except (AccountThrottled, AccountLocked) as exc:
             with self.db.transaction() as s:
-                self.audit.record(
+                self._audit_own(
                     s,
                     AuditEvent.MFA_VERIFY_FAILURE,
+                    user,
                     Outcome.FAILURE,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
                     details={"reason": "locked"},
                 )
             return MFAResult(
@@ -259,13 +251,11 @@ class MFAUseCases(ServiceBase):
                 else:
                     outcome = ("invalid", None)
             except SecretUnavailable as exc:
-                self.audit.record(
+                self._audit_own(
                     s,
                     AuditEvent.MFA_VERIFY_FAILURE,
+                    user,
                     Outcome.FAILURE,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
                     details={"reason": "undecryptable"},
                 )
                 return MFAResult(False, exc.message)
@@ -273,21 +263,17 @@ class MFAUseCases(ServiceBase):
             method = kind.value
             if reason == "ok":
                 self.throttle.reset(s, user.username_key)
-                self.audit.record(
+                self._audit_own(
                     s,
                     AuditEvent.MFA_VERIFY_SUCCESS,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
+                    user,
                     details={"method": method},
                 )
                 if kind is CodeKind.BACKUP:
-                    self.audit.record(
+                    self._audit_own(
                         s,
                         AuditEvent.BACKUP_CODE_USED,
-                        **self._actor(user),
-                        target_user_id=user.id,
-                        target_name=user.username,
+                        user,
                         details={"remaining": remaining},
                     )
                     plural = "" if remaining == 1 else "s"
@@ -295,13 +281,11 @@ class MFAUseCases(ServiceBase):
                     return MFAResult(True, message, method=method, backup_codes_remaining=remaining)
                 return MFAResult(True, "Verification successful", method=method)
             failure = self.throttle.record_failure(s, user.username_key, now)
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.MFA_VERIFY_FAILURE,
+                user,
                 Outcome.FAILURE,
-                **self._actor(user),
-                target_user_id=user.id,
-                target_name=user.username,
                 details={"reason": reason, "method": method, "failures": failure.failures},
             )
             if reason == "replay":
@@ -386,16 +370,13 @@ class MFAUseCases(ServiceBase):
             row = self._load(s, user_id)
             row.backup_codes = blob
             row.backup_codes_version += 1
-            keep = self.sessions.find(s, keep_session_token) if keep_session_token else None
             ended = self.sessions.end_all(
-                s, user_id, "backup_codes_regenerated", now, keep_id=keep.id if keep else None
+                s, user_id, "backup_codes_regenerated", now, keep_token=keep_session_token
             )
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.BACKUP_CODES_REGENERATED,
-                **self._actor(row),
-                target_user_id=row.id,
-                target_name=row.username,
+                row,
                 details={"codes_issued": len(codes), "sessions_ended": ended},
             )
         return codes
@@ -420,16 +401,13 @@ class MFAUseCases(ServiceBase):
         with self.db.transaction() as s:
             row = self._load(s, user_id)
             self._clear_mfa(s, row)
-            keep = self.sessions.find(s, keep_session_token) if keep_session_token else None
             ended = self.sessions.end_all(
-                s, user_id, "mfa_disabled", now, keep_id=keep.id if keep else None
+                s, user_id, "mfa_disabled", now, keep_token=keep_session_token
             )
-            self.audit.record(
+            self._audit_own(
                 s,
                 AuditEvent.MFA_DISABLED,
-                **self._actor(row),
-                target_user_id=row.id,
-                target_name=row.username,
+                row,
                 details={"sessions_ended": ended},
             )
 

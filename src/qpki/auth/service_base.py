@@ -90,12 +90,10 @@ class ServiceBase:
         )
         s.execute(update(User).where(User.id == user.id).values(last_login_at=now))
         self.throttle.reset(s, user.username_key)
-        self.audit.record(
+        self._audit_own(
             s,
             AuditEvent.LOGIN_SUCCESS,
-            **self._actor(user),
-            target_user_id=user.id,
-            target_name=user.username,
+            user,
             details={"second_factor": method or "none"},
         )
         return token
@@ -191,6 +189,26 @@ class ServiceBase:
         if user is None:
             raise NotFound("User not found.")
         return user
+
+    def _audit_own(
+        self,
+        s: Session,
+        event: AuditEvent,
+        user: User,
+        outcome: Outcome = Outcome.SUCCESS,
+        **fields: object,
+    ) -> None:
+        """Audit something a user did to their own account (actor and target are the user)."""
+        self.audit.record(
+            s,
+            event,
+            outcome,
+            actor_id=user.id,
+            actor_name=user.username,
+            target_user_id=user.id,
+            target_name=user.username,
+            **fields,  # type: ignore[arg-type]
+        )
 
     @staticmethod
     def _actor(actor: User | None, name: str = "") -> dict[str, object]:

@@ -71,9 +71,8 @@ class SessionUseCases(ServiceBase):
     ) -> int:
         now = now or utcnow()
         with self.db.transaction() as s:
-            keep = self.sessions.find(s, keep_token)
             ended = self.sessions.end_all(
-                s, user_id, "signed_out_remotely", now, keep_id=keep.id if keep else None
+                s, user_id, "signed_out_remotely", now, keep_token=keep_token
             )
             user = s.get(User, user_id)
             self.audit.record(

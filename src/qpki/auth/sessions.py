@@ -124,14 +124,14 @@ class SessionStore:
         reason: str,
         now: datetime,
         *,
-        keep_id: int | None = None,
+        keep_token: str | None = None,
     ) -> int:
-        """End every live session of the user except ``keep_id``; returns how many ended."""
+        """End every live session of the user except the one of ``keep_token``; how many ended."""
         stmt = update(UserSession).where(
             UserSession.user_id == user_id, UserSession.ended_at.is_(None)
         )
-        if keep_id is not None:
-            stmt = stmt.where(UserSession.id != keep_id)
+        if keep_token:
+            stmt = stmt.where(UserSession.token_hash != token_digest(keep_token))
         result = session.execute(stmt.values(ended_at=now, end_reason=reason))
         return int(result.rowcount or 0)
 
