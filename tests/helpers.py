@@ -57,6 +57,13 @@ def create_user(
     return app.auth_manager.create_user(username, password, f"{username}@example.org", role)  # type: ignore[attr-defined]
 
 
+def enable_mfa(app: Flask, user_id: int) -> tuple[str, list[str]]:
+    """Enable 2FA through the service API with an oathtool code; returns (secret, codes)."""
+    manager = app.auth_manager  # type: ignore[attr-defined]
+    setup = manager.start_mfa_setup(user_id)
+    return setup.secret, manager.confirm_mfa_setup(user_id, oathtool_code(setup.secret))
+
+
 def login(
     client: FlaskClient, username: str, password: str = PASSWORD, **extra: str
 ) -> TestResponse:

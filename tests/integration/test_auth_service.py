@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, text
 
-from helpers import PASSWORD, create_user, oathtool_code
+from helpers import PASSWORD, create_user, enable_mfa, oathtool_code
 from qpki.audit.context import request_context
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.auth_manager import AuthManager
@@ -33,12 +33,6 @@ def manager(app: Flask) -> AuthManager:
 def events(app: Flask, name: str) -> list[AuditEventRecord]:
     with manager(app).db.transaction(write=False) as s:
         return list(s.scalars(select(AuditEventRecord).where(AuditEventRecord.event == name)))
-
-
-def enable_2fa(app: Flask, user_id: int) -> tuple[str, list[str]]:
-    setup = manager(app).start_mfa_setup(user_id)
-    codes = manager(app).confirm_mfa_setup(user_id, oathtool_code(setup.secret))
-    return setup.secret, codes
 
 
 # -- users and passwords -------------------------------------------------------------------------
@@ -149,7 +143,7 @@ def test_unknown_names_throttle_like_real_ones(app: Flask) -> None:
 
 def test_hard_lock_after_100_failures_until_unlocked(app: Flask) -> None:
     user = create_user(app, "grace")
-    secret, _ = enable_2fa(app, user.id)
+    secret, _ = enable_mfa(app, user.id)
     start = utcnow()
     now = start
     for _ in range(100):
@@ -224,7 +218,7 @@ def test_expired_setup_rows_are_removed(any_app: Flask) -> None:
 # -- verification -------------------------------------------------------------------------------
 def test_verify_totp_once_and_not_older_steps(any_app: Flask) -> None:
     user = create_user(any_app, "lena")
-    secret, _ = enable_2fa(any_app, user.id)
+    secret, _ = enable_mfa(any_app, user.id)
     now = utcnow() + timedelta(minutes=1)
     code = pyotp.TOTP(secret).at(now)
     assert manager(any_app).verify_mfa_code(user.id, code, now=now) == (
@@ -245,7 +239,7 @@ def test_verify_totp_once_and_not_older_steps(any_app: Flask) -> None:
 
 def test_verify_window_is_plus_minus_one_step(app: Flask) -> None:
     user = create_user(app, "mona")
-    secret, _ = enable_2fa(app, user.id)
+    secret, _ = enable_mfa(app, user.id)
     base = utcnow() + timedelta(minutes=5)
     totp = pyotp.TOTP(secret)
     assert not manager(app).verify_mfa_code(
@@ -259,7 +253,7 @@ def test_verify_window_is_plus_minus_one_step(app: Flask) -> None:
 
 def test_backup_codes_single_use_and_formats(any_app: Flask) -> None:
     user = create_user(any_app, "nina")
-    _, codes = enable_2fa(any_app, user.id)
+    _, codes = enable_mfa(any_app, user.id)
     variants = [codes[0], codes[1].lower(), codes[2].replace("-", ""), codes[3].replace("-", " ")]
     for i, variant in enumerate(variants):
         ok, message = manager(any_app).verify_mfa_code(user.id, variant)
@@ -287,7 +281,7 @@ def test_mfa_not_enabled_message(app: Flask) -> None:
 
 def test_regenerate_invalidates_old_codes(any_app: Flask) -> None:
     user = create_user(any_app, "pia")
-    _secret, old = enable_2fa(any_app, user.id)
+    _secret, old = enable_mfa(any_app, user.id)
     with pytest.raises(ValidationFailed):
         manager(any_app).regenerate_backup_codes(
             user.id, "not my password!", mfa_verified_at=utcnow()
@@ -303,7 +297,7 @@ def test_regenerate_invalidates_old_codes(any_app: Flask) -> None:
 
 def test_disable_needs_password_and_clears_everything(any_app: Flask) -> None:
     user = create_user(any_app, "quinn")
-    secret, _ = enable_2fa(any_app, user.id)
+    secret, _ = enable_mfa(any_app, user.id)
     with pytest.raises(ValidationFailed):
         manager(any_app).disable_mfa(user.id, "wrong password!!", mfa_verified_at=utcnow())
     assert manager(any_app).get_user(user_id=user.id).two_factor_enabled
@@ -321,7 +315,7 @@ def test_admin_disable_requires_admin_and_reason(any_app: Flask) -> None:
     admin = create_user(any_app, "root-admin", "admin")
     viewer = create_user(any_app, "viewer1")
     target = create_user(any_app, "rosa")
-    enable_2fa(any_app, target.id)
+    enable_mfa(any_app, target.id)
     token = manager(any_app).login("rosa", PASSWORD).token
     with pytest.raises(PermissionDenied):
         manager(any_app).admin_disable_mfa(viewer.id, target.id, "lost phone")
@@ -347,7 +341,7 @@ def test_get_user_usable_after_session_closes(any_app: Flask) -> None:
 # -- sessions ------------------------------------------------------------------------------------
 def test_login_sessions_pending_then_full(any_app: Flask) -> None:
     user = create_user(any_app, "tina")
-    secret, _ = enable_2fa(any_app, user.id)
+    secret, _ = enable_mfa(any_app, user.id)
     result = manager(any_app).login("tina", PASSWORD)
     assert result.mfa_required
     user_row = manager(any_app).resolve_session(result.token)
@@ -363,7 +357,7 @@ def test_login_sessions_pending_then_full(any_app: Flask) -> None:
 
 def test_pending_login_expires_after_five_minutes(app: Flask) -> None:
     user = create_user(app, "uma")
-    secret, _ = enable_2fa(app, user.id)
+    secret, _ = enable_mfa(app, user.id)
     start = utcnow()
     result = manager(app).login("uma", PASSWORD, now=start)
     late = start + timedelta(minutes=5, seconds=1)
@@ -408,8 +402,8 @@ def test_undecryptable_secret_refuses_login_but_never_disables(
 ) -> None:
     user = create_user(app, "xena")
     other = create_user(app, "yuri")
-    secret, codes = enable_2fa(app, user.id)
-    _, other_codes = enable_2fa(app, other.id)
+    secret, codes = enable_mfa(app, user.id)
+    _, other_codes = enable_mfa(app, other.id)
     with app.db_manager.engine.begin() as conn:  # type: ignore[attr-defined]
         token = conn.execute(
             text("SELECT totp_secret FROM users WHERE id=:i"), {"i": user.id}
@@ -432,7 +426,7 @@ def test_undecryptable_secret_refuses_login_but_never_disables(
 
 def test_audit_chain_verifies_and_detects_edit(any_app: Flask) -> None:
     user = create_user(any_app, "zoe")
-    enable_2fa(any_app, user.id)
+    enable_mfa(any_app, user.id)
     manager(any_app).login("zoe", PASSWORD)
     with manager(any_app).db.transaction(write=False) as s:
         result = manager(any_app).audit.verify(s)

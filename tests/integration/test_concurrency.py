@@ -11,7 +11,7 @@ import pyotp
 import pytest
 from flask import Flask
 
-from helpers import create_user, oathtool_code
+from helpers import create_user, enable_mfa
 from qpki.app import create_app
 from qpki.config import Settings
 from qpki.db.base import utcnow
@@ -21,9 +21,7 @@ THREADS = 20
 
 def _enable(app: Flask) -> tuple[int, str, list[str]]:
     user = create_user(app, "concurrent")
-    setup = app.auth_manager.start_mfa_setup(user.id)  # type: ignore[attr-defined]
-    codes = app.auth_manager.confirm_mfa_setup(user.id, oathtool_code(setup.secret))  # type: ignore[attr-defined]
-    return user.id, setup.secret, codes
+    return (user.id, *enable_mfa(app, user.id))
 
 
 def _race(count: int, attempt: Callable[[], tuple[bool, str]]) -> list[tuple[bool, str]]:

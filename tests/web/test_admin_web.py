@@ -9,14 +9,23 @@ import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-import pyotp
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, enroll, location_path, login, main_text, page, text_of
+from helpers import (
+    PASSWORD,
+    create_user,
+    enable_mfa,
+    enroll,
+    location_path,
+    login,
+    main_text,
+    page,
+    text_of,
+)
 from qpki.audit.events import AuditEvent
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import User
@@ -60,14 +69,6 @@ def logged_in(app: Flask, username: str, password: str = PASSWORD) -> FlaskClien
     response = login(client, username, password)
     assert response.status_code == 302, text_of(response)
     return client
-
-
-def enable_mfa(app: Flask, user_id: int) -> str:
-    """Enable 2FA through the service API (the pages are tested in test_mfa_web)."""
-    manager = app.auth_manager  # type: ignore[attr-defined]
-    setup = manager.start_mfa_setup(user_id)
-    manager.confirm_mfa_setup(user_id, pyotp.TOTP(setup.secret).now())
-    return setup.secret
 
 
 def user_row(app: Flask, user_id: int) -> User:

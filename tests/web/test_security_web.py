@@ -6,14 +6,22 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import pyotp
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, location_path, login, main_text, next_step_code, page
+from helpers import (
+    PASSWORD,
+    create_user,
+    enable_mfa,
+    location_path,
+    login,
+    main_text,
+    next_step_code,
+    page,
+)
 from qpki.auth.models import UserSession
 from qpki.web.limits import LOGIN_LIMIT
 
@@ -36,13 +44,6 @@ def csrf_token(client: FlaskClient, url: str, form_action: str | None = None) ->
     field = scope.find("input", attrs={"name": "csrf_token"})
     assert field is not None and field.get("value"), url
     return field["value"]
-
-
-def enable_mfa(app: Flask, user_id: int) -> str:
-    manager = app.auth_manager  # type: ignore[attr-defined]
-    setup = manager.start_mfa_setup(user_id)
-    manager.confirm_mfa_setup(user_id, pyotp.TOTP(setup.secret).now())
-    return setup.secret
 
 
 def mfa_enabled(app: Flask, user_id: int) -> bool:
@@ -114,7 +115,7 @@ def test_logout_without_csrf_token_is_refused(csrf_app: Flask) -> None:
 
 def test_self_2fa_disable_without_csrf_token_is_refused(csrf_app: Flask) -> None:
     user = create_user(csrf_app, "alice")
-    secret = enable_mfa(csrf_app, user.id)
+    secret, _codes = enable_mfa(csrf_app, user.id)
     client = csrf_app.test_client()
     csrf_login(client, "alice", secret)
 
