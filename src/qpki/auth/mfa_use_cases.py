@@ -144,15 +144,13 @@ class MFAUseCases(ServiceBase):
             secret = self._decrypt(pending.secret, user_id)
             step = self.mfa.verify_totp(secret, code, at=now)
             if step is None:
-                failure = self.throttle.record_failure(s, user.username_key, now)
-                self._audit_own(
+                self._count_failure(
                     s,
-                    AuditEvent.MFA_VERIFY_FAILURE,
                     user,
-                    Outcome.FAILURE,
-                    details={"reason": "invalid", "stage": "setup", "failures": failure.failures},
+                    now,
+                    AuditEvent.MFA_VERIFY_FAILURE,
+                    {"reason": "invalid", "stage": "setup"},
                 )
-                self._audit_throttle_transition(s, failure, user, user.username)
                 raise MFAError(errors.INVALID_CODE)
             codes = self.mfa.generate_backup_codes()
             was_enabled = user.two_factor_enabled
@@ -280,17 +278,11 @@ class MFAUseCases(ServiceBase):
                     message = f"Backup code accepted. {remaining} backup code{plural} remaining."
                     return MFAResult(True, message, method=method, backup_codes_remaining=remaining)
                 return MFAResult(True, "Verification successful", method=method)
-            failure = self.throttle.record_failure(s, user.username_key, now)
-            self._audit_own(
-                s,
-                AuditEvent.MFA_VERIFY_FAILURE,
-                user,
-                Outcome.FAILURE,
-                details={"reason": reason, "method": method, "failures": failure.failures},
+            self._count_failure(
+                s, user, now, AuditEvent.MFA_VERIFY_FAILURE, {"reason": reason, "method": method}
             )
             if reason == "replay":
                 log.warning("replayed TOTP code refused for user id=%s", user.id)
-            self._audit_throttle_transition(s, failure, user, user.username)
             if reason == "already_used":
                 return MFAResult(False, errors.BACKUP_CODE_USED, method=method)
             return MFAResult(False, errors.INVALID_CODE, method=method)

@@ -116,17 +116,7 @@ class ServiceBase:
             self._check_throttle(self.throttle.state(s, user.username_key), now)
         if not self.passwords.verify(user.password_hash, password):
             with self.db.transaction() as s:
-                failure = self.throttle.record_failure(s, user.username_key, now)
-                self.audit.record(
-                    s,
-                    event,
-                    Outcome.FAILURE,
-                    **self._actor(user),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={"reason": "bad_password", "failures": failure.failures},
-                )
-                self._audit_throttle_transition(s, failure, user, user.username)
+                self._count_failure(s, user, now, event, {"reason": "bad_password"})
             raise ValidationFailed("Password is incorrect.")
         if user.two_factor_enabled and (
             code or self.step_up_needs_code(user, mfa_verified_at, now=now)
@@ -189,6 +179,17 @@ class ServiceBase:
         if user is None:
             raise NotFound("User not found.")
         return user
+
+    def _count_failure(
+        self, s: Session, user: User, now: datetime, event: AuditEvent, details: dict[str, object]
+    ) -> ThrottleState:
+        """A failed factor of a known user: count it for the back-off and audit it."""
+        failure = self.throttle.record_failure(s, user.username_key, now)
+        self._audit_own(
+            s, event, user, Outcome.FAILURE, details={**details, "failures": failure.failures}
+        )
+        self._audit_throttle_transition(s, failure, user, user.username)
+        return failure
 
     def _audit_own(
         self,
