@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, update
 
-from qpki.audit.events import AuditEvent
+from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import LoginThrottle, MFASetupSession, User, UserSession
 from qpki.auth.service_base import ServiceBase
@@ -115,6 +115,17 @@ class SessionUseCases(ServiceBase):
             "user_sessions": int(sessions or 0),
             "throttle_rows": int(throttles or 0),
         }
+
+    def record_access_denied(self, user: User, *, required_roles: tuple[str, ...]) -> None:
+        """Audit a signed-in user turned away from a page their role does not open."""
+        with self.db.transaction() as s:
+            self.audit.record(
+                s,
+                AuditEvent.ACCESS_DENIED,
+                Outcome.FAILURE,
+                **self._actor(user),
+                details={"required": list(required_roles)},
+            )
 
     def recent_security_events(self, user_id: int, limit: int = 10) -> list[AuditEventRecord]:
         with self.db.transaction(write=False) as s:

@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 from flask import abort
 from flask_login import current_user, login_required
 
-from qpki.audit.events import AuditEvent, Outcome
 from qpki.web.session_auth import auth_manager
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,16 +22,7 @@ def role_required(*roles: str) -> Callable[[F], F]:
         @login_required
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if current_user.role not in roles:
-                manager = auth_manager()
-                with manager.db.transaction() as s:
-                    manager.audit.record(
-                        s,
-                        AuditEvent.ACCESS_DENIED,
-                        Outcome.FAILURE,
-                        actor_id=current_user.id,
-                        actor_name=current_user.username,
-                        details={"required": list(roles)},
-                    )
+                auth_manager().record_access_denied(current_user, required_roles=roles)
                 abort(403)
             return view(*args, **kwargs)
 
