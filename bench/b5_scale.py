@@ -2,7 +2,8 @@
 
 Databases are built by SQLAlchemy Core bulk inserts (not through the web): users with one shared
 argon2id hash, a third of them with 2FA, a few with failed-login rows; audit events with a
-valid SHA-256 chain built with ``qpki.audit.log.chain_hash`` so that ``audit verify`` passes.
+valid keyed chain sealed with the app's ``AuditLog.seal`` (and its head stored) so that
+``audit verify`` passes.
 Measured: the admin users page and a filtered audit page (Flask test client, logged in as an
 admin), ``AuthManager.login`` of one user, and ``AuditLog.verify`` (what ``qpki audit verify``
 runs). Targets: the large database within 1.2× of the small one; verify of 1M events < 60 s.
@@ -33,7 +34,8 @@ from common import (
     user_row,
 )
 
-from qpki.audit.log import GENESIS, chain_hash
+from qpki.audit.chain import GENESIS
+from qpki.audit.log import AuditLog
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import LoginThrottle, User
 from qpki.auth.throttle import account_key
@@ -98,7 +100,7 @@ def _user_rows(n: int, now: datetime, mfa_key: str) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _event_rows(n: int, users: int, now: datetime) -> Iterator[dict[str, Any]]:
+def _event_rows(n: int, users: int, now: datetime, audit: AuditLog) -> Iterator[dict[str, Any]]:
     rng = random.Random(42)
     start = now - timedelta(seconds=n + 60)
     prev = GENESIS
@@ -108,6 +110,7 @@ def _event_rows(n: int, users: int, now: datetime) -> Iterator[dict[str, Any]]:
         name = f"user{uid - 3:07d}"
         failure = event in ("login_failure", "mfa_verify_failure")
         row = SimpleNamespace(
+            seq=i + 1,
             occurred_at=start + timedelta(seconds=i, microseconds=rng.randrange(1_000_000)),
             event=event,
             outcome="failure" if failure else "success",
@@ -119,14 +122,14 @@ def _event_rows(n: int, users: int, now: datetime) -> Iterator[dict[str, Any]]:
             user_agent=_AGENT,
             details=_DETAILS.get(event, "{}"),
         )
-        digest = chain_hash(prev, row)  # type: ignore[arg-type]
+        digest = audit.seal(prev, row)
         yield {**vars(row), "prev_hash": prev, "hash": digest}
         prev = digest
 
 
-def build(url: str, scale: Scale, mfa_key: str) -> dict[str, float]:
+def build(url: str, scale: Scale, mfa_key: str, audit: AuditLog) -> dict[str, float]:
     """Bulk-load ``scale`` into the (migrated, empty) database at ``url``; returns timings."""
-    from sqlalchemy import create_engine, event
+    from sqlalchemy import create_engine, event, select
 
     engine = create_engine(url)
     if url.startswith("sqlite"):
@@ -155,7 +158,15 @@ def build(url: str, scale: Scale, mfa_key: str) -> dict[str, float]:
         ]
         bulk_insert(engine, LoginThrottle.__table__, throttled)
         t1 = time.perf_counter()
-        bulk_insert(engine, AuditEventRecord.__table__, _event_rows(scale.events, scale.users, now))
+        events = _event_rows(scale.events, scale.users, now, audit)
+        bulk_insert(engine, AuditEventRecord.__table__, events)
+        with engine.connect() as conn:
+            last = conn.execute(
+                select(AuditEventRecord.seq, AuditEventRecord.hash)
+                .order_by(AuditEventRecord.id.desc())
+                .limit(1)
+            ).one()
+        audit.head.replace(audit.sealed_head(last.seq, last.hash))
         t2 = time.perf_counter()
         if url.startswith("postgresql"):
             with engine.connect() as conn:
@@ -189,7 +200,7 @@ class Site:
 
     def build(self) -> None:
         self.ctx.log(f"  B5 {self.backend} {self.scale.label}: building")
-        self.build_times = build(self.url, self.scale, self.ctx.mfa_key)
+        self.build_times = build(self.url, self.scale, self.ctx.mfa_key, self.manager.audit)
         self.ctx.log(
             f"  B5 {self.backend} {self.scale.label}: built in "
             f"{sum(self.build_times.values()):.1f} s"

@@ -1,1 +1,2 @@
-"""The audit trail: who did what, when, from where; hash-chained so edits are detectable."""
+"""The audit trail: who did what, when, from where; sealed with a key kept outside the
+database and anchored by a head kept outside it too, so edits and truncation are detectable."""

@@ -33,6 +33,16 @@ class AuditEvent(enum.StrEnum):
     BACKUP_CODES_REGENERATED = "backup_codes_regenerated"
     BACKUP_CODE_USED = "backup_code_used"
     KEYS_ROTATED = "keys_rotated"
+    AUDIT_CHAIN_SEALED = "audit_chain_sealed"  # migration 0003 sealed the old chain
+    REAUTHENTICATED = "reauthenticated"  # step-up ("sudo mode") passed
+    REAUTH_FAILURE = "reauth_failure"
+    # Self-service by mail (qpki.auth.services.password_reset)
+    PASSWORD_RESET_REQUESTED = "password_reset_requested"  # a link mailed (or why not)
+    PASSWORD_RESET_COMPLETED = "password_reset_completed"  # a new password set through a link
+    PASSWORD_RESET_REJECTED = "password_reset_rejected"  # expired, used or voided link
+    EMAIL_CHANGE_REQUESTED = "email_change_requested"  # a confirmation mailed to the new address
+    EMAIL_CHANGED = "email_changed"
+    EMAIL_CHANGE_REJECTED = "email_change_rejected"
 
 
 class Outcome(enum.StrEnum):

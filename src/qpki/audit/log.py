@@ -1,38 +1,50 @@
-"""AuditLog: append events to a SHA-256 hash chain, query them, verify the chain.
+"""AuditLog: append events to a keyed chain, query them, verify the chain against its head.
 
-Each row's ``hash`` is SHA-256 over the previous row's hash and the row's canonical JSON, so
-changing, inserting or deleting a row in the middle breaks the chain at that point.
+Each row's ``hash`` is HMAC-SHA256, under the audit key, over the previous row's hash and the
+row's canonical JSON including its position ``seq`` (see :mod:`qpki.audit.chain`). Changing,
+inserting or deleting a row in the middle breaks the chain at that point, and nobody without
+the key can recompute it. After each commit that added events the head (count and last hash)
+is stored outside the database (:mod:`qpki.audit.head`), so deleting events from the end, or
+all of them, is found too.
+
 Writers serialise on the chain head: a transaction-scoped advisory lock on PostgreSQL, and
 ``BEGIN IMMEDIATE`` (see DatabaseManager) on SQLite.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, or_, select, text
+from sqlalchemy import Row, event, func, or_, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from qpki.audit.chain import GENESIS, ChainHead, seal
 from qpki.audit.context import current_context
 from qpki.audit.events import AuditEvent, Outcome
+from qpki.audit.head import HeadStore, HeadStoreError
 from qpki.audit.models import AuditEventRecord
 from qpki.db.base import utcnow
 
-GENESIS = "0" * 64
+log = logging.getLogger(__name__)
+
 _CHAIN_LOCK_ID = 0x71504B49  # "qPKI": the advisory lock that serialises chain writers
+_PENDING_HEAD = "qpki_audit_pending_head"  # Session.info key: the head to store after commit
 FORBIDDEN_DETAIL_KEYS = frozenset(
     {"password", "code", "secret", "totp_secret", "backup_code", "backup_codes", "token", "key"}
 )
-# What verify reads: every column canonical() hashes, plus the id and both hashes. Plain rows
+# What verify reads: every column the seal covers, plus the id and both hashes. Plain rows
 # (attribute access by column name, like the ORM object) instead of ORM objects: no identity
 # map or instrumentation per row, which is most of the time of a walk over a million events.
-_CHAIN_COLUMNS = (
+_CHAIN_COLUMNS: tuple[Any, ...] = (
     AuditEventRecord.id,
+    AuditEventRecord.seq,
     AuditEventRecord.occurred_at,
     AuditEventRecord.event,
     AuditEventRecord.outcome,
@@ -46,38 +58,23 @@ _CHAIN_COLUMNS = (
     AuditEventRecord.prev_hash,
     AuditEventRecord.hash,
 )
-
-
-def canonical(record: AuditEventRecord) -> str:
-    """The exact text hashed for a row: every column but id and the hashes, sorted keys."""
-    payload = {
-        "occurred_at": record.occurred_at.isoformat(),
-        "event": record.event,
-        "outcome": record.outcome,
-        "actor_id": record.actor_id,
-        "actor_name": record.actor_name,
-        "target_user_id": record.target_user_id,
-        "target_name": record.target_name,
-        "ip": record.ip,
-        "user_agent": record.user_agent,
-        "details": record.details,
-    }
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def chain_hash(prev_hash: str, record: AuditEventRecord) -> str:
-    """SHA-256 of the previous hash followed by the canonical row."""
-    return hashlib.sha256((prev_hash + canonical(record)).encode()).hexdigest()
+# The AuditLog of each engine, for migrations that must seal with the application's key.
+_BY_ENGINE: weakref.WeakKeyDictionary[Engine, AuditLog] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of walking the chain."""
+    """Outcome of walking the chain and comparing its end with the stored head.
+
+    ``broken_id`` names the first event that fails; ``missing`` counts events deleted from the
+    end (the head says the chain was longer). ``ok`` is False on any problem.
+    """
 
     ok: bool
     checked: int
     broken_id: int | None = None
     reason: str = ""
+    missing: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,8 +85,57 @@ class AuditPage:
     next_before_id: int | None
 
 
+def audit_log_for(engine: Engine) -> AuditLog | None:
+    """The AuditLog attached to ``engine`` by the application (see :meth:`AuditLog.attach`)."""
+    return _BY_ENGINE.get(engine)
+
+
+@event.listens_for(Session, "after_commit")
+def _store_pending_head(session: Session) -> None:
+    """Move the head forward once the events it covers are committed (never before).
+
+    A failure here cannot undo the commit; it is logged, and the head merely lags, which
+    ``verify`` tolerates (events after the head still have to verify under the key).
+    """
+    pending = session.info.pop(_PENDING_HEAD, None)
+    if pending is None:
+        return
+    audit, head = pending
+    try:
+        audit.head.advance(head)
+    except (HeadStoreError, OSError) as exc:
+        log.error("audit chain head not stored in %s: %s", audit.head.description, exc)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending_head(session: Session) -> None:
+    session.info.pop(_PENDING_HEAD, None)
+
+
 class AuditLog:
-    """Append-only audit trail stored in ``audit_events``."""
+    """Append-only audit trail stored in ``audit_events``, sealed with ``key``.
+
+    ``key`` is the audit key (kept outside the database, see :mod:`qpki.audit.keys`);
+    ``head`` keeps the chain head outside the database.
+    """
+
+    def __init__(self, key: bytes, head: HeadStore) -> None:
+        if len(key) < 32:
+            raise ValueError("the audit key must be at least 32 bytes")
+        self._key = key
+        self.head = head
+
+    def attach(self, engine: Engine) -> None:
+        """Let migrations on ``engine`` seal with this key and store the head here."""
+        _BY_ENGINE[engine] = self
+
+    def seal(self, prev_hash: str, record: Any) -> str:
+        """The seal of ``record`` after ``prev_hash`` under this log's key."""
+        return seal(self._key, prev_hash, record)
+
+    def sealed_head(self, seq: int, last_hash: str) -> ChainHead:
+        """A head for position ``seq`` ending in ``last_hash``, MAC-ed with this log's key."""
+        return ChainHead.sealed(self._key, seq, last_hash)
 
     def record(
         self,
@@ -104,18 +150,27 @@ class AuditLog:
         details: dict[str, Any] | None = None,
         at: datetime | None = None,
     ) -> AuditEventRecord:
-        """Append one event inside the caller's transaction (so it commits with the change)."""
+        """Append one event inside the caller's transaction (so it commits with the change).
+
+        ``at`` is the use case's time (its injected clock); the wall clock when not given.
+        The head is stored after the transaction commits, never before.
+        """
         details = details or {}
         leaked = FORBIDDEN_DETAIL_KEYS.intersection(k.lower() for k in details)
         if leaked:
             raise ValueError(f"audit details must not contain secrets: {sorted(leaked)}")
+        if at is not None and at.tzinfo is None:
+            raise ValueError("audit times must be aware UTC datetimes")
         ctx = current_context()
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK_ID})
-        prev = session.scalar(
-            select(AuditEventRecord.hash).order_by(AuditEventRecord.id.desc()).limit(1)
-        )
+        prev = session.execute(
+            select(AuditEventRecord.seq, AuditEventRecord.hash)
+            .order_by(AuditEventRecord.id.desc())
+            .limit(1)
+        ).first()
         record = AuditEventRecord(
+            seq=(prev.seq + 1) if prev else 1,
             occurred_at=at or utcnow(),
             event=event.value,
             outcome=outcome.value,
@@ -126,11 +181,12 @@ class AuditLog:
             ip=ctx.ip[:64],
             user_agent=ctx.user_agent[:256],
             details=json.dumps(details, sort_keys=True, separators=(",", ":"), default=str),
-            prev_hash=prev or GENESIS,
+            prev_hash=prev.hash if prev else GENESIS,
         )
-        record.hash = chain_hash(record.prev_hash, record)
+        record.hash = self.seal(record.prev_hash, record)
         session.add(record)
         session.flush()
+        session.info[_PENDING_HEAD] = (self, self.sealed_head(record.seq, record.hash))
         return record
 
     def query(
@@ -169,26 +225,9 @@ class AuditLog:
         next_before = rows[limit - 1].id if len(rows) > limit else None
         return AuditPage(events=rows[:limit], next_before_id=next_before)
 
-    def iter_all(self, session: Session, batch: int = 5000) -> Iterator[AuditEventRecord]:
-        """Every event in chain order, read in batches so memory stays flat."""
-        last_id = 0
-        while True:
-            rows = list(
-                session.scalars(
-                    select(AuditEventRecord)
-                    .where(AuditEventRecord.id > last_id)
-                    .order_by(AuditEventRecord.id)
-                    .limit(batch)
-                )
-            )
-            if not rows:
-                return
-            yield from rows
-            last_id = rows[-1].id
-            session.expunge_all()
-
     def _iter_chain_rows(self, session: Session, batch: int = 10000) -> Iterator[Row[Any]]:
-        """Like :meth:`iter_all`, as plain rows of the hashed columns (Core, not the ORM)."""
+        """Every event in chain order as plain rows of the sealed columns (Core, not the ORM),
+        read in batches so memory stays flat."""
         last_id = 0
         while True:
             rows = session.execute(
@@ -203,18 +242,70 @@ class AuditLog:
             last_id = rows[-1].id
 
     def verify(self, session: Session) -> VerifyResult:
-        """Walk the whole chain; report the first row whose link or content does not match."""
+        """Walk the whole chain and compare its end with the stored head.
+
+        Reports the first event whose position, link or seal does not match (edited,
+        inserted, deleted in the middle, or sealed with another key), or how many events are
+        missing from the end. The head is read before the walk: events committed meanwhile
+        only make the chain longer than the head, which is fine when they verify.
+        """
+        try:
+            head = self.head.read()
+        except HeadStoreError as exc:
+            return VerifyResult(False, 0, reason=f"the chain head cannot be read: {exc}")
+        if head is not None and not head.is_authentic(self._key):
+            return VerifyResult(
+                False,
+                0,
+                reason=f"the chain head in {self.head.description} was altered "
+                "(or written with another audit key)",
+            )
         prev = GENESIS
         checked = 0
         for row in self._iter_chain_rows(session):
+            if row.seq != checked + 1:
+                return VerifyResult(
+                    False,
+                    checked,
+                    row.id,
+                    f"position {row.seq} where {checked + 1} was due: "
+                    f"{row.seq - checked - 1} events before it are missing",
+                )
             if row.prev_hash != prev:
                 return VerifyResult(
                     False, checked, row.id, "prev_hash does not match the row before"
                 )
-            if chain_hash(prev, row) != row.hash:  # type: ignore[arg-type]
-                return VerifyResult(False, checked, row.id, "content does not match its hash")
+            if self.seal(prev, row) != row.hash:
+                return VerifyResult(
+                    False,
+                    checked,
+                    row.id,
+                    "content does not match its seal (edited, or sealed with another key)",
+                )
+            if head is not None and row.seq == head.seq and row.hash != head.hash:
+                return VerifyResult(
+                    False, checked, row.id, "differs from the event the chain head recorded"
+                )
             prev = row.hash
             checked += 1
+        if head is None:
+            if checked:
+                return VerifyResult(
+                    False,
+                    checked,
+                    reason=f"no chain head in {self.head.description}: cannot tell whether "
+                    "events were deleted from the end",
+                )
+            return VerifyResult(True, 0)
+        if checked < head.seq:
+            missing = head.seq - checked
+            return VerifyResult(
+                False,
+                checked,
+                reason=f"{missing} events missing from the end (the head recorded "
+                f"{head.seq}, the database holds {checked})",
+                missing=missing,
+            )
         return VerifyResult(True, checked)
 
     def count(self, session: Session) -> int:
