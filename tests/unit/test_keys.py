@@ -7,7 +7,10 @@ is atomic.
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -18,7 +21,10 @@ import qpki.config
 from qpki.auth.keys import (
     KEY_FILE_NAME,
     KeyFileError,
+    KeyRing,
+    TokenSampleError,
     create_key_file,
+    generate_keys,
     key_file_path,
     load_key_ring,
     read_key_file,
@@ -226,15 +232,151 @@ def test_create_key_file_fresh(tmp_path: Path) -> None:
     assert mode_of(path) == 0o600
 
 
-def test_key_ring_reloads_a_rotated_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_ring_reloads_a_rotated_file(tmp_path: Path) -> None:
     """A running server picks up `qpki keys rotate` without a restart (§4.6 workflow)."""
-    import qpki.auth.keys as keys_module
-
-    monkeypatch.setattr(keys_module, "RELOAD_CHECK_SECONDS", 0.0)
-    ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False)
+    ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False, reload_interval=0.0)
     new = Fernet.generate_key()
     write_key_file(tmp_path / ".mfa_key", [new, *keys])
     assert ring.fernet.decrypt(Fernet(new).encrypt(b"after rotation")) == b"after rotation"
-    (tmp_path / ".mfa_key").chmod(0o644)  # a broken file keeps the last good ring
-    (tmp_path / ".mfa_key").write_text("garbage\n")
-    assert ring.fernet.decrypt(Fernet(new).encrypt(b"still")) == b"still"
+    assert Fernet(new).decrypt(ring.fernet.encrypt(b"fresh")) == b"fresh"  # new primary
+    assert ring.keys == [new, *keys]
+
+
+def test_reload_interval_is_a_constructor_argument(tmp_path: Path) -> None:
+    """Within the interval the file is not looked at; with 0 it is looked at every time."""
+    old = Fernet.generate_key()
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, old + b"\n")
+    lazy = KeyRing([old], path, reload_interval=3600.0)
+    eager = KeyRing([old], path, reload_interval=0.0)
+    new = Fernet.generate_key()
+    write_key_file(path, [new, old])
+    assert lazy.keys == [old]
+    assert eager.keys == [new, old]
+    with pytest.raises(ValueError, match="reload_interval"):
+        KeyRing([old], path, reload_interval=-1.0)
+
+
+def test_broken_file_keeps_the_ring_and_logs_one_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ring, keys, _ = load_key_ring(tmp_path, None, encrypted_data_exists=False, reload_interval=0.0)
+    path = tmp_path / ".mfa_key"
+    path.write_text("garbage\n")
+    with caplog.at_level(logging.ERROR, logger="qpki.auth.keys"):
+        for _ in range(3):
+            assert Fernet(keys[0]).decrypt(ring.fernet.encrypt(b"still")) == b"still"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # each version of the file is judged once, not on every request
+    assert str(path) in errors[0].getMessage()
+
+
+def test_new_key_that_cannot_decrypt_stored_data_is_not_adopted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10 item 11: a key file replaced while running must not take over silently."""
+    old = Fernet.generate_key()
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, old + b"\n")
+    stored = [Fernet(old).encrypt(b"totp secret").decode()]
+    ring = KeyRing([old], path, reload_interval=0.0, token_sample=lambda: stored)
+
+    wrong = Fernet.generate_key()
+    write_key_file(path, [wrong])  # a new key alone: cannot read what is stored
+    with caplog.at_level(logging.ERROR, logger="qpki.auth.keys"):
+        token = ring.fernet.encrypt(b"enrolled meanwhile")
+    assert Fernet(old).decrypt(token) == b"enrolled meanwhile"  # still the working key
+    assert ring.fernet.decrypt(stored[0].encode()) == b"totp secret"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(path) in errors[0] and "cannot decrypt 1" in errors[0]
+
+    write_key_file(path, [wrong, old])  # a proper rotation: the old key stays to decrypt
+    assert Fernet(wrong).decrypt(ring.fernet.encrypt(b"x")) == b"x"
+    assert ring.keys == [wrong, old]
+
+
+def test_removing_the_old_key_too_early_is_refused(tmp_path: Path) -> None:
+    """Some stored tokens still need the old key: the file without it is not adopted."""
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, new + b"\n" + old + b"\n")
+    stored = [
+        Fernet(new).encrypt(b"a").decode(),
+        Fernet(old).encrypt(b"b").decode(),
+    ]
+    ring = KeyRing([new, old], path, reload_interval=0.0, token_sample=lambda: stored)
+    write_key_file(path, [new])
+    assert ring.keys == [new, old]
+    assert ring.fernet.decrypt(stored[1].encode()) == b"b"
+
+
+def test_unreadable_sample_defers_the_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If stored tokens cannot be read (database down), the file is checked again later."""
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    path = tmp_path / ".mfa_key"
+    write_with_mode(path, old + b"\n")
+    database_up = False
+
+    def sample() -> list[str]:
+        if not database_up:
+            raise TokenSampleError("the database could not be read")
+        return [Fernet(old).encrypt(b"s").decode()]
+
+    ring = KeyRing([old], path, reload_interval=0.0, token_sample=sample)
+    write_key_file(path, [new, old])
+    with caplog.at_level(logging.ERROR, logger="qpki.auth.keys"):
+        assert ring.keys == [old]
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    database_up = True
+    assert ring.keys == [new, old]
+
+
+def test_decrypt_only_keys(tmp_path: Path) -> None:
+    """QPKI_MFA_DECRYPT_KEYS: read tokens under those keys, never encrypt with them."""
+    primary, extra = Fernet.generate_key(), Fernet.generate_key()
+    ring, keys, source = load_key_ring(
+        tmp_path, primary.decode(), encrypted_data_exists=True, decrypt_keys=extra.decode()
+    )
+    assert (keys, source) == ([primary], "QPKI_MFA_KEY")
+    assert ring.fernet.decrypt(Fernet(extra).encrypt(b"other instance")) == b"other instance"
+    assert Fernet(primary).decrypt(ring.fernet.encrypt(b"mine")) == b"mine"
+    with pytest.raises(InvalidToken):
+        Fernet(extra).decrypt(ring.fernet.encrypt(b"mine"))
+
+
+def test_decrypt_only_keys_survive_a_file_reload(tmp_path: Path) -> None:
+    extra = Fernet.generate_key()
+    ring, keys, _ = load_key_ring(
+        tmp_path,
+        None,
+        encrypted_data_exists=False,
+        decrypt_keys=extra.decode(),
+        reload_interval=0.0,
+    )
+    write_key_file(tmp_path / ".mfa_key", [Fernet.generate_key(), *keys])
+    assert ring.fernet.decrypt(Fernet(extra).encrypt(b"x")) == b"x"
+
+
+def test_bad_decrypt_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="QPKI_MFA_DECRYPT_KEYS"):
+        load_key_ring(
+            tmp_path,
+            Fernet.generate_key().decode(),
+            encrypted_data_exists=False,
+            decrypt_keys="not-a-key",
+        )
+
+
+def test_generate_keys() -> None:
+    """`qpki keys generate`: one usable key of each kind, new every time."""
+    first, second = generate_keys(), generate_keys()
+    assert list(first) == ["QPKI_SECRET_KEY", "QPKI_MFA_KEY", "QPKI_AUDIT_KEY"]
+    Fernet(first["QPKI_MFA_KEY"].encode())
+    assert len(first["QPKI_SECRET_KEY"].encode()) >= 32
+    audit = base64.urlsafe_b64decode(first["QPKI_AUDIT_KEY"] + "=")
+    assert len(audit) == 32
+    for value in first.values():
+        assert re.fullmatch(r"[A-Za-z0-9_=-]+", value)  # safe unquoted in env files
+    assert all(first[name] != second[name] for name in first)
