@@ -30,12 +30,23 @@ class RoleForm(FlaskForm):
     submit = SubmitField("Save role")
 
 
+IDENTITY_NOT_CONFIRMED = (
+    "Two-factor authentication was not reset: tick the box to confirm that you have verified "
+    "this person's identity by other means."
+)
+
+
 class ResetMFAForm(FlaskForm):
     reason = StringField(
         "Reason (required, recorded in the audit log)",
         validators=[DataRequired(message="A reason is required."), Length(max=500)],
     )
-    confirm = BooleanField("I have verified this person's identity by other means")
+    # Required, not decoration: the reset hands the account to whoever is on the other end of
+    # the call, so the admin states the check was made (the browser also marks it required).
+    confirm = BooleanField(
+        "I have verified this person's identity by other means",
+        validators=[DataRequired(message=IDENTITY_NOT_CONFIRMED)],
+    )
     submit = SubmitField("Disable 2FA")
 
 
