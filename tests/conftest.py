@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 
 from harness.services import PostgresServer, find_pg_bin, postgres_cluster, require_component
 from qpki.app import create_app
+from qpki.clock import Clock, system_clock
 from qpki.config import Settings
 
 TEST_SECRET_KEY = "test-secret-key-" + "x" * 40
@@ -90,8 +91,10 @@ def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., F
     """Build migrated apps; every engine is disposed at teardown."""
     apps: list[Flask] = []
 
-    def factory(database_url: str | None = None, **overrides: object) -> Flask:
-        app = create_app(make_settings(database_url, **overrides))
+    def factory(
+        database_url: str | None = None, *, clock: Clock = system_clock, **overrides: object
+    ) -> Flask:
+        app = create_app(make_settings(database_url, **overrides), clock=clock)
         app.db_manager.migrate_database()  # type: ignore[attr-defined]
         apps.append(app)
         return app

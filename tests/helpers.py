@@ -17,6 +17,7 @@ from werkzeug.test import TestResponse
 
 from harness.services import require_component
 from qpki.auth.models import User
+from qpki.clock import SteppedClock
 
 PASSWORD = "a long enough passphrase"
 
@@ -57,11 +58,18 @@ def create_user(
     return app.auth_manager.create_user(username, password, f"{username}@example.org", role)  # type: ignore[attr-defined]
 
 
-def enable_mfa(app: Flask, user_id: int) -> tuple[str, list[str]]:
-    """Enable 2FA through the service API with an oathtool code; returns (secret, codes)."""
+def enable_mfa(
+    app: Flask, user_id: int, *, at: datetime | None = None
+) -> tuple[str, list[str]]:
+    """Enable 2FA through the service API with an oathtool code; returns (secret, codes).
+
+    ``at`` is the app's time when it runs on a SteppedClock (the code is computed for it).
+    """
     manager = app.auth_manager  # type: ignore[attr-defined]
-    setup = manager.start_mfa_setup(user_id)
-    return setup.secret, manager.confirm_mfa_setup(user_id, oathtool_code(setup.secret))
+    setup = manager.start_mfa_setup(user_id, now=at)
+    return setup.secret, manager.confirm_mfa_setup(
+        user_id, oathtool_code(setup.secret, at), now=at
+    )
 
 
 def login(
@@ -70,12 +78,22 @@ def login(
     return client.post("/auth/login", data={"username": username, "password": password, **extra})
 
 
-def enroll(client: FlaskClient) -> tuple[str, list[str]]:
-    """Enable 2FA through the pages for the logged-in user; returns (secret, backup codes)."""
+def enroll(
+    client: FlaskClient, password: str = PASSWORD, *, at: datetime | None = None
+) -> tuple[str, list[str]]:
+    """Enable 2FA through the pages for the logged-in user; returns (secret, backup codes).
+
+    The setup page starts nothing on GET: the user presses "Start setup" (a step-up action,
+    so the password goes with it), then the page shows the QR code and the key.
+    """
     setup = client.get("/auth/mfa/setup")
     assert setup.status_code == 200, setup.status_code
+    if page(setup).find(id="mfa-secret") is None:
+        started = client.post("/auth/mfa/setup/start", data={"password": password})
+        assert started.status_code == 302, text_of(started)
+        setup = client.get("/auth/mfa/setup")
     secret = re.sub(r"\s+", "", page(setup).find(id="mfa-secret").get_text())
-    done = client.post("/auth/mfa/setup", data={"code": oathtool_code(secret)})
+    done = client.post("/auth/mfa/setup", data={"code": oathtool_code(secret, at)})
     assert done.status_code == 200, text_of(done)
     codes = [li.get_text(strip=True) for li in page(done).select("#backup-codes .backup-code")]
     assert len(codes) == 8
@@ -111,3 +129,23 @@ def location_target(response: TestResponse) -> str:
 def location_path(response: TestResponse) -> str:
     """The redirect target's path, asserting it stays on this site."""
     return location_target(response).split("?", 1)[0]
+
+
+def admin_client(
+    app: Flask, username: str = "root-admin", *, clock: SteppedClock | None = None
+) -> tuple[FlaskClient, User, str]:
+    """An administrator with 2FA, signed in with both factors (so fresh for step-up).
+
+    With the app's ``clock``, codes are computed for its time and the clock is moved one
+    step on, so the test's next code is a fresh one. Returns (client, admin, TOTP secret).
+    """
+    admin = create_user(app, username, role="admin")
+    at = clock.now if clock else None
+    secret, _codes = enable_mfa(app, admin.id, at=at)
+    client = app.test_client()
+    if clock is not None:
+        clock.advance(seconds=30)
+    code = oathtool_code(secret, clock.now) if clock else next_step_code(secret)
+    done = login_with_mfa(client, username, code)
+    assert done.status_code == 302, text_of(done)
+    return client, admin, secret

@@ -10,43 +10,50 @@ from cryptography.fernet import InvalidToken
 from flask import Flask, g, redirect, request, url_for
 from flask_login import current_user
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import inspect, text
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from qpki.audit.context import RequestContext, reset_context, set_context
+from qpki.audit.setup import open_audit_log
 from qpki.auth.auth_manager import AuthManager
+from qpki.auth.key_rotation import sample_stored_tokens
 from qpki.auth.keys import KeyFileError, KeyRing, load_key_ring
 from qpki.auth.mfa import MFAManager
 from qpki.auth.passwords import Passwords
-from qpki.auth.sessions import SessionPolicy
-from qpki.config import Settings
+from qpki.auth.services import build_services
+from qpki.auth.sessions import SessionPolicy, SessionStore
+from qpki.clock import Clock, system_clock
+from qpki.config import REDIS_TIMEOUT_SECONDS, Settings, secure_data_dir, secure_sqlite_files
 from qpki.db.manager import DatabaseManager
 from qpki.logging_setup import configure_logging
+from qpki.mail.setup import build_mail, install_mail
+from qpki.web.converters import install_url_converters
 from qpki.web.errors import install_error_handlers
-from qpki.web.limits import limiter
+from qpki.web.health import ENDPOINTS as HEALTH_ENDPOINTS
+from qpki.web.limits import limiter, storage_uri
 from qpki.web.security import install_security_headers
+from qpki.web.services import register_services
 from qpki.web.session_auth import install_login_manager
 
 log = logging.getLogger(__name__)
 
 # Endpoints a user who must change a temporary password may still reach.
-_PASSWORD_CHANGE_ALLOWED = {"auth.change_password", "auth.logout", "static"}
+_PASSWORD_CHANGE_ALLOWED = {"auth.change_password", "auth.logout", "static", *HEALTH_ENDPOINTS}
 
 
-def _sample_tokens(db: DatabaseManager, limit: int = 5) -> list[str]:
-    """A few stored Fernet tokens (none before the first migration)."""
-    if "users" not in inspect(db.engine).get_table_names():
-        return []
-    with db.engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT totp_secret FROM users WHERE totp_secret IS NOT NULL "
-                "ORDER BY id LIMIT :limit"
-            ),
-            {"limit": limit},
-        ).all()
-    return [row[0] for row in rows]
+def _sample_tokens(db: DatabaseManager, clock: Clock) -> list[str]:
+    """The newest stored tokens: TOTP secrets, backup-code sets and unexpired pending setups."""
+    return sample_stored_tokens(db, clock())
+
+
+def _make_files_private(settings: Settings) -> None:
+    """Data directory 0700, every file in it (and the SQLite files) 0600 (§12.11), said once."""
+    fixed = secure_sqlite_files(settings.database_url) + secure_data_dir(settings.data_dir)
+    if fixed:
+        log.warning(
+            "Made readable by the owner only (they were open to others): %s",
+            ", ".join(str(p) for p in dict.fromkeys(fixed)),
+        )
 
 
 def _check_key_matches_data(ring: KeyRing, tokens: list[str], source: str) -> None:
@@ -64,7 +71,8 @@ def _check_key_matches_data(ring: KeyRing, tokens: list[str], source: str) -> No
             continue
         return
     raise KeyFileError(
-        f"The MFA key from {source} cannot decrypt the 2FA secrets stored in the database. "
+        f"The MFA key from {source} cannot decrypt the 2FA secrets stored in the database "
+        "(TOTP secrets, backup codes or pending setups). "
         "Use the key that encrypted them (restore the key file, or fix QPKI_MFA_KEY); "
         "every instance must use the same key."
     )
@@ -77,10 +85,13 @@ def _hasher(profile: str) -> PasswordHasher:
     return PasswordHasher()
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the qPKI web application. ``settings`` defaults to the ``QPKI_*`` environment."""
+def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> Flask:
+    """Build the qPKI web application. ``settings`` defaults to the ``QPKI_*`` environment;
+    ``clock`` is the time every service uses (tests pass a SteppedClock)."""
     settings = settings or Settings.from_env()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
+    configure_logging(
+        settings.log_level, json_lines=settings.log_json, instance=settings.instance_name
+    )
 
     app = Flask(__name__)
     app.config.update(
@@ -98,13 +109,27 @@ def create_app(settings: Settings | None = None) -> Flask:
         # is decided per request from QPKI_RATE_LIMITS (see qpki.web.limits.per_address).
         RATELIMIT_ENABLED=True,
         QPKI_RATE_LIMITS=settings.rate_limits_enabled,
-        RATELIMIT_STORAGE_URI=settings.redis_url or "memory://",
+        RATELIMIT_STORAGE_URI=storage_uri(settings),
+        RATELIMIT_STORAGE_OPTIONS=(
+            {
+                "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+                "socket_timeout": REDIS_TIMEOUT_SECONDS,
+            }
+            if settings.redis_url
+            else {}
+        ),
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,
         RATELIMIT_SWALLOW_ERRORS=True,
         TESTING=settings.testing,
         DEBUG=False,
     )
     app.settings = settings  # type: ignore[attr-defined]
+    if settings.secret_key_fallbacks:
+        # Rolling rotation of QPKI_SECRET_KEY: Flask checks session cookies against the
+        # fallbacks too; Flask-WTF does not, so its CSRF tokens get the same keys as an
+        # itsdangerous key list (oldest first; the last, current key signs).
+        app.config["SECRET_KEY_FALLBACKS"] = list(settings.secret_key_fallbacks)
+        app.config["WTF_CSRF_SECRET_KEY"] = [*settings.secret_key_fallbacks, settings.secret_key]
     if settings.proxy_fix_hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app,
@@ -114,10 +139,20 @@ def create_app(settings: Settings | None = None) -> Flask:
             x_port=settings.proxy_fix_hops,
         )
 
-    db = DatabaseManager(settings.database_url)
-    tokens = _sample_tokens(db)
+    _make_files_private(settings)
+    db = DatabaseManager(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+    tokens = _sample_tokens(db, clock)
     fernet, _keys, key_source = load_key_ring(
-        settings.data_dir, settings.mfa_key, encrypted_data_exists=bool(tokens)
+        settings.data_dir,
+        settings.mfa_key,
+        encrypted_data_exists=bool(tokens),
+        decrypt_keys=settings.mfa_decrypt_keys,
+        reload_interval=settings.mfa_key_reload_seconds,
+        token_sample=lambda: _sample_tokens(db, clock),
     )
     _check_key_matches_data(fernet, tokens, key_source)
     log.info(
@@ -129,20 +164,35 @@ def create_app(settings: Settings | None = None) -> Flask:
         absolute=timedelta(hours=settings.session_absolute_hours),
         pending=timedelta(seconds=settings.pending_mfa_seconds),
     )
-    app.db_manager = db  # type: ignore[attr-defined]
-    app.mfa_manager = MFAManager(fernet, issuer=settings.issuer)  # type: ignore[attr-defined]
-    app.auth_manager = AuthManager(  # type: ignore[attr-defined]
-        db,
-        app.mfa_manager,  # type: ignore[attr-defined]
-        session_policy=policy,
-        passwords=Passwords(_hasher(settings.argon2_profile)),
+    audit = open_audit_log(settings, db)
+    passwords = Passwords(_hasher(settings.argon2_profile))
+    mail = build_mail(
+        settings, db, clock=clock, audit=audit, passwords=passwords, sessions=SessionStore(policy)
     )
+    services = build_services(
+        db,
+        MFAManager(fernet, issuer=settings.issuer),
+        audit,
+        mail.notifier,
+        clock=clock,
+        passwords=passwords,
+        session_policy=policy,
+        reauth_window=timedelta(minutes=settings.reauth_minutes),
+        setup_lifetime=timedelta(minutes=settings.setup_session_minutes),
+    )
+    register_services(app, services)
+    install_mail(app, mail)
+    # The seed's entry points (the specification's migration command and Python API).
+    app.db_manager = db  # type: ignore[attr-defined]
+    app.mfa_manager = services.mfa  # type: ignore[attr-defined]
+    app.auth_manager = AuthManager(services)  # type: ignore[attr-defined]
 
     CSRFProtect(app)
     limiter.init_app(app)
     install_login_manager(app)
     install_security_headers(app, https=settings.https)
     install_error_handlers(app)
+    install_url_converters(app)  # before the blueprints: their <int:...> ids are bounded
 
     @app.before_request
     def _request_context() -> None:
@@ -169,8 +219,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     from qpki.admin.routes import bp as admin_bp
     from qpki.auth.routes import bp as auth_bp
+    from qpki.web.health import bp as health_bp
     from qpki.web.routes import bp as main_bp
 
+    app.register_blueprint(health_bp)
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(admin_bp)

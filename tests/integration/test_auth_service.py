@@ -307,12 +307,15 @@ def test_disable_needs_password_and_clears_everything(any_app: Flask) -> None:
     assert (
         not stored.two_factor_enabled and stored.totp_secret is None and stored.backup_codes is None
     )
-    outcomes = sorted(e.outcome for e in events(any_app, "mfa_disabled"))
-    assert outcomes == ["failure", "success"]  # the wrong password attempt is audited too
+    assert [e.outcome for e in events(any_app, "mfa_disabled")] == ["success"]
+    # the wrong password is a failed step-up: audited, and counted on the throttle
+    (refused,) = events(any_app, "reauth_failure")
+    assert refused.outcome == "failure" and "bad_password" in refused.details
 
 
 def test_admin_disable_requires_admin_and_reason(any_app: Flask) -> None:
     admin = create_user(any_app, "root-admin", "admin")
+    enable_mfa(any_app, admin.id)  # an administrator acts on other accounts only with 2FA
     viewer = create_user(any_app, "viewer1")
     target = create_user(any_app, "rosa")
     enable_mfa(any_app, target.id)
@@ -388,10 +391,13 @@ def test_password_change_ends_other_sessions(any_app: Flask) -> None:
     keep = manager(any_app).login("walt", PASSWORD).token
     other = manager(any_app).login("walt", PASSWORD).token
     user = manager(any_app).get_user(username="walt")
-    manager(any_app).change_password(
+    renewed = manager(any_app).change_password(
         user.id, PASSWORD, "another long passphrase", keep_session_token=keep
     )
-    assert manager(any_app).resolve_session(keep) is not None
+    # The browser that changed the password stays signed in under a new session id.
+    assert renewed is not None and renewed != keep
+    assert manager(any_app).resolve_session(renewed) is not None
+    assert manager(any_app).resolve_session(keep) is None
     assert manager(any_app).resolve_session(other) is None
     with pytest.raises(InvalidCredentials):
         manager(any_app).authenticate("walt", PASSWORD)

@@ -13,7 +13,15 @@ import pytest
 from flask import Flask
 from sqlalchemy import create_engine, text
 
-from helpers import PASSWORD, create_user, login, login_with_mfa, next_step_code, oathtool_code
+from helpers import (
+    PASSWORD,
+    create_user,
+    enroll,
+    login,
+    login_with_mfa,
+    next_step_code,
+    oathtool_code,
+)
 from qpki.config import Settings
 
 # A child process that runs one use case and SIGKILLs itself just before its commit, the way a
@@ -138,11 +146,7 @@ def test_corrupted_row_refuses_that_login_only(
     for name in ("nia", "oto"):
         create_user(app, name)
         assert login(client, name).status_code == 302
-        setup = client.get("/auth/mfa/setup")
-        from helpers import page
-
-        secret = page(setup).find(id="mfa-secret").get_text().replace(" ", "")
-        client.post("/auth/mfa/setup", data={"code": oathtool_code(secret)})
+        secret, _codes = enroll(client)
         client.post("/auth/logout", data={})
         secrets[name] = secret
     with app.db_manager.engine.begin() as conn:  # type: ignore[attr-defined]

@@ -8,7 +8,8 @@ import re
 import shutil
 import subprocess
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from helpers import (
     text_of,
 )
 from qpki.audit.models import AuditEventRecord
+from qpki.clock import SteppedClock
 from qpki.auth.models import MFASetupSession, User, UserSession
 from qpki.db.base import utcnow
 
@@ -64,13 +66,6 @@ def forget_last_step(app: Flask, user_id: int) -> None:
     """Let the next TOTP code through the replay guard (for tests not about replay)."""
     with app.db_manager.transaction() as s:  # type: ignore[attr-defined]
         s.execute(update(User).where(User.id == user_id).values(totp_last_step=None))
-
-
-def away_from_step_edge(margin: float = 2.0) -> None:
-    """Wait past a 30-second boundary if one is near, so 'n steps ago' stays n steps ago."""
-    remaining = 30 - time.time() % 30
-    if remaining < margin:
-        time.sleep(remaining + 0.2)
 
 
 def wrong_code(secret: str) -> str:
@@ -127,7 +122,7 @@ def test_full_enrolment_through_the_pages(app: Flask, client: FlaskClient, tmp_p
     user = create_user(app, "alice")
     login(client, "alice")
 
-    setup = client.get("/auth/mfa/setup")
+    setup = start_setup(client)
     assert setup.status_code == 200
     assert "no-store" in setup.headers.get("Cache-Control", "")
     soup = page(setup)
@@ -173,6 +168,53 @@ def test_full_enrolment_through_the_pages(app: Flask, client: FlaskClient, tmp_p
     assert audit_events(app, user.id, "mfa_enabled")
 
 
+def start_setup(client: FlaskClient) -> TestResponse:
+    """Press "Start setup" (with the password: a step-up action) and open the setup page."""
+    first = client.get("/auth/mfa/setup")
+    assert first.status_code == 200 and page(first).find(id="mfa-secret") is None
+    assert page(first).find(id="mfa-setup-start") is not None
+    started = client.post("/auth/mfa/setup/start", data={"password": PASSWORD})
+    assert location_path(started) == "/auth/mfa/setup"
+    return client.get("/auth/mfa/setup")
+
+
+def test_setup_page_get_changes_nothing(app: Flask, client: FlaskClient) -> None:
+    """Reloading the setup page shows the same pending secret and writes no audit row."""
+    create_user(app, "alice")
+    login(client, "alice")
+    shown = page(start_setup(client)).find(id="mfa-secret").get_text()
+    with app.db_manager.transaction(write=False) as s:  # type: ignore[attr-defined]
+        events_before = app.auth_manager.audit.count(s)  # type: ignore[attr-defined]
+    for _ in range(5):
+        again = client.get("/auth/mfa/setup")
+        assert page(again).find(id="mfa-secret").get_text() == shown
+    with app.db_manager.transaction(write=False) as s:  # type: ignore[attr-defined]
+        assert app.auth_manager.audit.count(s) == events_before  # type: ignore[attr-defined]
+
+
+def test_starting_a_setup_needs_the_password(app: Flask, client: FlaskClient) -> None:
+    """A copied cookie of a user without 2FA cannot enrol the attacker's authenticator."""
+    create_user(app, "alice")
+    login(client, "alice")
+    refused = client.post("/auth/mfa/setup/start", data={"password": "not the password!"})
+    assert location_path(refused) == "/auth/mfa/setup"
+    assert page(client.get("/auth/mfa/setup")).find(id="mfa-secret") is None
+    bare = client.post("/auth/mfa/setup/start")
+    assert location_path(bare) == "/auth/reauth"
+    assert page(client.get("/auth/mfa/setup")).find(id="mfa-secret") is None
+
+
+def test_enabling_2fa_ends_the_other_sessions(app: Flask, client: FlaskClient) -> None:
+    create_user(app, "alice")
+    other = app.test_client()
+    login(other, "alice")
+    assert other.get("/auth/profile").status_code == 200
+    login(client, "alice")
+    enroll(client)
+    assert client.get("/auth/profile").status_code == 200
+    assert location_path(other.get("/auth/profile")) == "/auth/login"
+
+
 def test_profile_shows_disabled_before_enrolment(app: Flask, client: FlaskClient) -> None:
     create_user(app, "alice")
     login(client, "alice")
@@ -183,7 +225,7 @@ def test_profile_shows_disabled_before_enrolment(app: Flask, client: FlaskClient
 def test_expired_setup_is_refused(app: Flask, client: FlaskClient) -> None:
     user = create_user(app, "alice")
     login(client, "alice")
-    setup = client.get("/auth/mfa/setup")
+    setup = start_setup(client)
     secret = re.sub(r"\s+", "", page(setup).find(id="mfa-secret").get_text())
     with app.db_manager.transaction() as s:  # type: ignore[attr-defined]
         row = s.scalar(select(MFASetupSession).where(MFASetupSession.user_id == user.id))
@@ -269,17 +311,28 @@ def test_replayed_totp_code_is_refused(app: Flask) -> None:
     assert failures and '"replay"' in failures[-1].details
 
 
-def test_code_from_two_steps_ago_is_refused_one_step_ago_accepted(app: Flask) -> None:
-    user_id, secret, _codes = enrolled_user(app)
-    forget_last_step(app, user_id)  # so only the ±1 window decides below
-    away_from_step_edge()
+def test_code_from_two_steps_ago_is_refused_one_step_ago_accepted(
+    make_app: Callable[..., Flask],
+) -> None:
+    """The ±1 step window, on an app whose clock the test holds still: 10 s into a step, so
+    "two steps ago" cannot slide to "one step ago" while the test runs."""
+    clock = SteppedClock(datetime(2026, 6, 1, 12, 0, 10, tzinfo=UTC))
+    app = make_app(clock=clock)
+    user = create_user(app, "alice")
+    enrolling = app.test_client()
+    assert login(enrolling, "alice").status_code == 302
+    secret, _codes = enroll(enrolling, at=clock.now)
+    clock.advance(seconds=60)  # past the confirming code's step
     client = app.test_client()
-    old = login_with_mfa(client, "alice", oathtool_code(secret, time.time() - 60))
+    old = login_with_mfa(client, "alice", oathtool_code(secret, clock.now - timedelta(seconds=60)))
     assert INVALID_CODE in main_text(old)
     assert not is_logged_in(client)
-    previous = client.post(VERIFY, data={"code": oathtool_code(secret, time.time() - 30)})
+    previous = client.post(
+        VERIFY, data={"code": oathtool_code(secret, clock.now - timedelta(seconds=30))}
+    )
     assert previous.status_code == 302
     assert is_logged_in(client)
+    assert user.id
 
 
 def test_next_from_the_password_step_is_honoured_after_2fa(app: Flask) -> None:
@@ -577,7 +630,7 @@ def test_stale_login_must_add_a_code_for_sensitive_changes(app: Flask) -> None:
         s.execute(
             update(UserSession)
             .where(UserSession.user_id == user_id, UserSession.ended_at.is_(None))
-            .values(created_at=utcnow() - timedelta(minutes=11))
+            .values(reauth_at=utcnow() - timedelta(minutes=11))
         )
     stale_form = page(client.get("/auth/mfa/backup-codes"))
     assert stale_form.find("input", attrs={"name": "code"}) is not None

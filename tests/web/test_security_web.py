@@ -130,19 +130,20 @@ def test_self_2fa_disable_without_csrf_token_is_refused(csrf_app: Flask) -> None
 
 
 def test_admin_2fa_reset_without_csrf_token_is_refused(csrf_app: Flask) -> None:
-    create_user(csrf_app, "root-admin", role="admin")
+    root = create_user(csrf_app, "root-admin", role="admin")
+    admin_secret, _ = enable_mfa(csrf_app, root.id)
     target = create_user(csrf_app, "tina")
     enable_mfa(csrf_app, target.id)
     admin = csrf_app.test_client()
-    csrf_login(admin, "root-admin")
+    csrf_login(admin, "root-admin", admin_secret)
     url = f"/admin/users/{target.id}/mfa/disable"
 
-    refused = admin.post(url, data={"reason": "lost phone"})
+    refused = admin.post(url, data={"reason": "lost phone", "confirm": "y"})
     assert refused.status_code == 400
     assert mfa_enabled(csrf_app, target.id)
 
     token = csrf_token(admin, f"/admin/users/{target.id}", url)
-    done = admin.post(url, data={"reason": "lost phone", "csrf_token": token})
+    done = admin.post(url, data={"reason": "lost phone", "confirm": "y", "csrf_token": token})
     assert done.status_code == 302
     assert not mfa_enabled(csrf_app, target.id)
 

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from datetime import UTC, datetime, timedelta
-
-from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    flash,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask_login import current_user
 
 from qpki.admin.forms import ActionForm, CreateUserForm, ResetMFAForm, RoleForm
 from qpki.audit.events import AuditEvent
 from qpki.auth.errors import AuthError
+from qpki.auth.services.audit_trail import (
+    AuditFilters,
+    AuditTrailPage,
+    InvalidAuditFilter,
+    parse_before,
+)
+from qpki.mail.setup import mail_components
 from qpki.web.authz import role_required
-from qpki.web.session_auth import auth_manager
+from qpki.web.client import client
+from qpki.web.services import services
+from qpki.web.session_auth import audit_trail, auth_manager
+from qpki.web.step_up import admin_action
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 admin_only = role_required("admin")
@@ -43,6 +58,7 @@ def users() -> Page:
 
 @bp.route("/users/new", methods=["GET", "POST"])
 @admin_only
+@admin_action(lambda: url_for("admin.users"))
 def create_user() -> Page:
     form = CreateUserForm()
     if form.validate_on_submit():
@@ -69,6 +85,10 @@ def create_user() -> Page:
     return render_template("admin/user_new.html", form=form), status
 
 
+def _user_page_url(user_id: int) -> str:
+    return url_for("admin.user_detail", user_id=user_id)
+
+
 def _user_page(user_id: int, status: int = 200) -> Page:
     user = auth_manager().get_user(user_id=user_id)
     if user is None:
@@ -85,6 +105,7 @@ def _user_page(user_id: int, status: int = 200) -> Page:
         reset_form=ResetMFAForm(),
         action_form=ActionForm(),
         events=auth_manager().recent_security_events(user.id, limit=20),
+        cannot_act=services().step_up.admin_may_act(current_user),
     ), status
 
 
@@ -105,6 +126,7 @@ def _run(action: str, call: object) -> None:
 
 @bp.post("/users/<int:user_id>/role")
 @admin_only
+@admin_action(_user_page_url)
 def set_role(user_id: int) -> Response:
     form = RoleForm()
     if form.validate_on_submit():
@@ -118,6 +140,7 @@ def set_role(user_id: int) -> Response:
 
 @bp.post("/users/<int:user_id>/deactivate")
 @admin_only
+@admin_action(_user_page_url)
 def deactivate(user_id: int) -> Response:
     if ActionForm().validate_on_submit():
         _run(
@@ -129,6 +152,7 @@ def deactivate(user_id: int) -> Response:
 
 @bp.post("/users/<int:user_id>/reactivate")
 @admin_only
+@admin_action(_user_page_url)
 def reactivate(user_id: int) -> Response:
     if ActionForm().validate_on_submit():
         _run("User reactivated.", lambda: auth_manager().set_active(current_user, user_id, True))
@@ -137,6 +161,7 @@ def reactivate(user_id: int) -> Response:
 
 @bp.post("/users/<int:user_id>/unlock")
 @admin_only
+@admin_action(_user_page_url)
 def unlock(user_id: int) -> Response:
     if ActionForm().validate_on_submit():
         _run("Account unlocked.", lambda: auth_manager().unlock_user(current_user, user_id))
@@ -145,6 +170,7 @@ def unlock(user_id: int) -> Response:
 
 @bp.post("/users/<int:user_id>/password-reset")
 @admin_only
+@admin_action(_user_page_url)
 def reset_password(user_id: int) -> Page:
     if not ActionForm().validate_on_submit():
         return redirect(url_for("admin.user_detail", user_id=user_id))
@@ -157,15 +183,38 @@ def reset_password(user_id: int) -> Page:
     return render_template("admin/password_reset.html", user=user, temporary=temporary)
 
 
+@bp.post("/users/<int:user_id>/password-reset-link")
+@admin_only
+@admin_action(_user_page_url)
+def send_reset_link(user_id: int) -> Response:
+    """Mail the user a single-use reset link instead of reading out a temporary password."""
+    if ActionForm().validate_on_submit():
+        try:
+            address = mail_components().password_reset.admin_send_reset_link(
+                current_user, user_id, ip=client().ip
+            )
+        except AuthError as exc:
+            flash(exc.message, "error")
+        else:
+            flash(f"A reset link was mailed to {address}; it works for 30 minutes.", "success")
+    return redirect(url_for("admin.user_detail", user_id=user_id))
+
+
 @bp.post("/users/<int:user_id>/mfa/disable")
 @admin_only
+@admin_action(_user_page_url)
 def disable_mfa(user_id: int) -> Page:
     form = ResetMFAForm()
     if not form.validate_on_submit():
-        flash("A reason is required to reset two-factor authentication.", "error")
+        flash(" ".join(e for errors in form.errors.values() for e in errors), "error")
         return _user_page(user_id, 400)
     try:
-        auth_manager().admin_disable_mfa(current_user.id, user_id, form.reason.data)
+        auth_manager().admin_disable_mfa(
+            current_user.id,
+            user_id,
+            form.reason.data,
+            identity_confirmed=bool(form.confirm.data),
+        )
     except AuthError as exc:
         flash(exc.message, "error")
         return _user_page(user_id, 400)
@@ -174,95 +223,35 @@ def disable_mfa(user_id: int) -> Page:
 
 
 # -- audit trail -----------------------------------------------------------------------------------
-def _parse_day(raw: str | None) -> datetime | None:
-    if not raw:
-        return None
-    try:
-        return datetime.strptime(raw, "%Y-%m-%d").replace(tzinfo=UTC)
-    except ValueError:
-        flash(f"Ignored the date {raw[:20]!r}: use YYYY-MM-DD.", "error")
-        return None
-
-
-def _audit_filters() -> dict[str, object]:
-    event = request.args.get("event", "")
-    username = request.args.get("user", "").strip()[:64]
-    user_id = None
-    if username:
-        user = auth_manager().get_user(username=username)
-        user_id = user.id if user else -1
-    until = _parse_day(request.args.get("until"))
-    return {
-        "events": [event] if event in {e.value for e in AuditEvent} else None,
-        "user_id": user_id,
-        "outcome": request.args.get("outcome") or None,
-        "since": _parse_day(request.args.get("since")),
-        "until": until + timedelta(days=1) if until else None,
-    }
+def _audit_query() -> tuple[AuditFilters, int | None]:
+    """The filters and cursor of this request; InvalidAuditFilter when one is out of range."""
+    return AuditFilters.parse(request.args), parse_before(request.args.get("before"))
 
 
 @bp.get("/audit")
 @admin_only
 def audit() -> Page:
-    manager = auth_manager()
-    before = request.args.get("before", type=int)
-    with manager.db.transaction(write=False) as s:
-        page = manager.audit.query(s, **_audit_filters(), before_id=before, limit=50)  # type: ignore[arg-type]
     args = {k: v for k, v in request.args.items() if k != "before"}
-    return render_template(
-        "admin/audit.html", page=page, events=[e.value for e in AuditEvent], args=args
-    )
+    events = [e.value for e in AuditEvent]
+    try:
+        filters, before = _audit_query()
+    except InvalidAuditFilter as exc:
+        flash(exc.message, "error")
+        empty = AuditTrailPage(events=[], next_before_id=None, total=0)
+        return render_template("admin/audit.html", page=empty, events=events, args=args), 400
+    page = audit_trail().page(filters, before_id=before)
+    return render_template("admin/audit.html", page=page, events=events, args=args)
 
 
 @bp.get("/audit.csv")
 @admin_only
 def audit_csv() -> Response:
-    manager = auth_manager()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "id",
-            "time_utc",
-            "event",
-            "outcome",
-            "actor",
-            "target",
-            "ip",
-            "user_agent",
-            "details",
-            "hash",
-        ]
-    )
-    before = None
-    with manager.db.transaction(write=False) as s:
-        while True:
-            page = manager.audit.query(s, **_audit_filters(), before_id=before, limit=1000)  # type: ignore[arg-type]
-            for e in page.events:
-                writer.writerow(
-                    [
-                        e.id,
-                        e.occurred_at.isoformat(),
-                        e.event,
-                        e.outcome,
-                        _csv_safe(e.actor_name),
-                        _csv_safe(e.target_name),
-                        e.ip,
-                        _csv_safe(e.user_agent),
-                        _csv_safe(e.details),
-                        e.hash,
-                    ]
-                )
-            if page.next_before_id is None:
-                break
-            before = page.next_before_id
+    try:
+        filters, _before = _audit_query()
+    except InvalidAuditFilter as exc:
+        return Response(exc.message + "\n", status=400, mimetype="text/plain")
     return Response(
-        buffer.getvalue(),
+        stream_with_context(audit_trail().export_csv(filters)),
         mimetype="text/csv",
         headers={"Content-Disposition": "attachment; filename=qpki-audit.csv"},
     )
-
-
-def _csv_safe(value: str) -> str:
-    """Neutralise spreadsheet formulas in user-controlled cells (CSV injection)."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value

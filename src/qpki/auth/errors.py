@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from qpki.errors import QPKIError
+
 INVALID_CREDENTIALS = "Invalid username or password"
 INVALID_CODE = "Invalid verification code"
 SETUP_EXPIRED = "Setup session expired"
@@ -17,13 +19,17 @@ LOCKED = (
     "This account is locked after too many failed attempts. "
     "Contact your administrator to unlock it."
 )
+SIGNIN_EXPIRED = "Your sign-in has expired. Please sign in again."
+ADMIN_NEEDS_2FA = (
+    "Turn on two-factor authentication for your own account before acting on other accounts."
+)
 SECRET_UNREADABLE = (
     "Your two-factor settings cannot be read right now, so this sign-in was refused. "
     "Contact your administrator."
 )
 
 
-class AuthError(Exception):
+class AuthError(QPKIError):
     """Base of every expected failure; carries a user-facing message."""
 
     def __init__(self, message: str) -> None:
@@ -74,3 +80,10 @@ class SecretUnavailable(AuthError):
 
     def __init__(self) -> None:
         super().__init__(SECRET_UNREADABLE)
+
+
+class StepUpRequired(AuthError):
+    """A sensitive action needs a recent re-authentication (password and second factor)."""
+
+    def __init__(self) -> None:
+        super().__init__("Confirm it is you: enter your password and a current code.")

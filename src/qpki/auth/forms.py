@@ -40,6 +40,7 @@ class ReauthForm(FlaskForm):
 
     password = PasswordField("Your password", validators=[DataRequired(), Length(max=1024)])
     code = StringField("Current verification code", validators=[Optional(), CODE_LENGTH])
+    next = HiddenField(validators=[Optional(), Length(max=2048)])
 
 
 class DisableMFAForm(ReauthForm):

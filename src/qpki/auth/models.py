@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from qpki.db.base import Base, BigId, UTCDateTime, utcnow
@@ -27,10 +27,14 @@ class User(Base):
     """A person who logs in. Flask-Login reads the ``is_*`` properties and ``get_id``."""
 
     __tablename__ = "users"
+    # The user list filtered by 2FA state is read in username order (keyset pagination).
+    __table_args__ = (
+        Index("ix_users_two_factor_enabled_username_key", "two_factor_enabled", "username_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64))
-    username_key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    username_key: Mapped[str] = mapped_column(String(64), unique=True)
     email: Mapped[str] = mapped_column(String(254), default="")
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16), default=Role.VIEWER.value)
@@ -70,7 +74,7 @@ class MFASetupSession(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE"), unique=True, index=True
+        ForeignKey("users.id", ondelete="CASCADE"), unique=True
     )
     secret: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -87,7 +91,7 @@ class UserSession(Base):
     __tablename__ = "user_sessions"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     mfa_passed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -97,6 +101,10 @@ class UserSession(Base):
     user_agent: Mapped[str] = mapped_column(String(256), default="")
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # When this session last proved both factors (sign-in or step-up); None = never.
+    reauth_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # How the sign-in was completed: "password", "totp", "backup"; "" while pending.
+    auth_method: Mapped[str] = mapped_column(String(16), default="")
 
 
 class LoginThrottle(Base):
@@ -113,3 +121,23 @@ class LoginThrottle(Base):
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     next_allowed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     locked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class KnownDevice(Base):
+    """A browser that once completed a sign-in for the account (OWASP's "device cookie").
+
+    The browser keeps a random token in its own cookie; we keep its SHA-256 digest. Attempts
+    from a known device are throttled under their own key, so a stranger hammering the
+    username can lock the name for strangers but not its owner's own browsers.
+    """
+
+    __tablename__ = "known_devices"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    throttle_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    user_agent: Mapped[str] = mapped_column(String(256), default="")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import datetime
+from functools import wraps
 
 from flask import (
     Blueprint,
@@ -23,7 +25,6 @@ from qpki.auth.errors import (
     AccountThrottled,
     AuthError,
     InvalidCredentials,
-    MFAError,
     SecretUnavailable,
 )
 from qpki.auth.forms import (
@@ -31,36 +32,36 @@ from qpki.auth.forms import (
     DisableMFAForm,
     LoginForm,
     PostForm,
+    ReauthForm,
     RegenerateForm,
     SetupConfirmForm,
     VerifyForm,
 )
-from qpki.db.base import utcnow
+from qpki.auth.services.code_check import LOW_BACKUP_CODES
+from qpki.web.client import client, set_device_cookie
 from qpki.web.limits import LOGIN_LIMIT, REGENERATE_LIMIT, SETUP_LIMIT, VERIFY_LIMIT, per_address
 from qpki.web.security import is_safe_next
+from qpki.web.services import services
 from qpki.web.session_auth import (
     NEXT_KEY,
     auth_manager,
     current_session_row,
-    mfa_verified_at,
     pending_session_row,
     session_token,
     start_session,
 )
+from qpki.web.step_up import step_up_required
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
 Page = str | Response | tuple[str, int] | tuple[str, int, dict[str, str]]
 
 
-def _client() -> dict[str, str]:
-    return {"ip": request.remote_addr or "", "user_agent": request.user_agent.string or ""}
-
-
 def _retry_headers(retry_at: datetime | None) -> dict[str, str]:
     if retry_at is None:
         return {}
-    return {"Retry-After": str(max(1, int((retry_at - utcnow()).total_seconds() + 0.999)))}
+    wait = (retry_at - services().clock()).total_seconds()
+    return {"Retry-After": str(max(1, int(wait + 0.999)))}
 
 
 def _after_login() -> Response:
@@ -82,7 +83,9 @@ def login() -> Page:
         return render_template("auth/login.html", form=form), status
     next_url = form.next.data if is_safe_next(form.next.data) else None
     try:
-        result = auth_manager().login(form.username.data, form.password.data, **_client())
+        result = services().signin.login(
+            form.username.data, form.password.data, client=client(), replaces_token=session_token()
+        )
     except AccountThrottled as exc:
         flash(exc.message, "error")
         return render_template("auth/login.html", form=form), 429, _retry_headers(exc.retry_at)
@@ -92,7 +95,7 @@ def login() -> Page:
     start_session(result.token, next_url)
     if result.mfa_required:
         return redirect(url_for("auth.mfa_verify"))
-    return _after_login()
+    return set_device_cookie(_after_login(), result.device_token)
 
 
 @bp.route("/mfa/verify", methods=["GET", "POST"])
@@ -111,7 +114,7 @@ def mfa_verify() -> Page:
         return render_template("auth/mfa_verify.html", form=form), (
             400 if request.method == "POST" else 200
         )
-    result = auth_manager().complete_mfa_login(token, form.code.data, **_client())
+    result = services().signin.complete_second_step(token, form.code.data, client=client())
     if not result.success:
         form.code.data = ""  # never echo a submitted code back into the page
         flash(result.message, "error")
@@ -124,10 +127,41 @@ def mfa_verify() -> Page:
     next_url = session.get(NEXT_KEY)
     start_session(result.token or "", next_url)
     if result.backup_codes_remaining is not None:
-        flash(result.message, "warning" if result.backup_codes_remaining <= 3 else "info")
-        if result.backup_codes_remaining <= 3:
-            return redirect(url_for("auth.backup_codes"))
-    return _after_login()
+        low = result.backup_codes_remaining <= LOW_BACKUP_CODES
+        flash(result.message, "warning" if low else "info")
+        if low:
+            return set_device_cookie(redirect(url_for("auth.backup_codes")), result.device_token)
+    return set_device_cookie(_after_login(), result.device_token)
+
+
+@bp.route("/reauth", methods=["GET", "POST"])
+@login_required
+@per_address(VERIFY_LIMIT, methods=["POST"])
+def reauth() -> Page:
+    """Step-up: prove it is still you (password and a second factor), then go back."""
+    form = ReauthForm()
+    if request.method == "GET":
+        form.next.data = request.args.get("next", "")
+    target = form.next.data if is_safe_next(form.next.data) else url_for("auth.profile")
+    status = 200
+    if form.validate_on_submit():
+        outcome = services().step_up.reauthenticate(
+            session_token() or "",
+            form.password.data,
+            form.code.data or None,
+            client=client(),
+            always_ask_code=True,
+        )
+        if outcome.success:
+            return redirect(target)
+        flash(outcome.message, "error")
+        status = 429 if outcome.retry_at else 403 if outcome.locked else 400
+    elif request.method == "POST":
+        status = 400
+    form.code.data = ""
+    return render_template(
+        "auth/reauth.html", form=form, has_2fa=current_user.two_factor_enabled
+    ), status, _retry_headers(None)
 
 
 @bp.post("/logout")
@@ -147,11 +181,11 @@ def logout() -> Response:
 @bp.get("/profile")
 @login_required
 def profile() -> Page:
-    manager = auth_manager()
+    svc = services()
     codes_info, codes_error = None, None
     if current_user.two_factor_enabled:
         try:
-            codes_info = manager.get_backup_codes_info(current_user.id)
+            codes_info = svc.factors.backup_codes_info(current_user.id)
         except SecretUnavailable as exc:
             codes_error = exc.message
     row = current_session_row()
@@ -160,9 +194,10 @@ def profile() -> Page:
         user=current_user,
         codes_info=codes_info,
         codes_error=codes_error,
-        sessions=manager.list_sessions(current_user.id),
+        sessions=svc.sessions.list_for_user(current_user.id),
         current_session_id=row.id if row else None,
-        events=manager.recent_security_events(current_user.id),
+        events=svc.sessions.recent_security_events(current_user.id),
+        attack=svc.sessions.attack_notice(current_user),
         disable_form=DisableMFAForm(),
         post_form=PostForm(),
         needs_code=_needs_code(),
@@ -171,24 +206,48 @@ def profile() -> Page:
 
 def _needs_code() -> bool:
     """Whether the step-up forms on this page must ask for a code (the service decides)."""
-    return auth_manager().step_up_needs_code(current_user, mfa_verified_at())
+    return services().step_up.needs_code(current_user, current_session_row())
+
+
+def _change_password_step_up(view: Callable[[], Page]) -> Callable[[], Page]:
+    """Step-up for a password change. The form's current password is the password part
+    (checked and throttled by the service); a user with 2FA whose session is not fresh
+    proves a second factor on the reauth page first. The forced change of a temporary
+    password needs neither: the user has just proved that password."""
+
+    @wraps(view)
+    @login_required
+    def wrapped() -> Page:
+        if not current_user.must_change_password and _needs_code():
+            return redirect(url_for("auth.reauth", next=url_for("auth.change_password")))
+        return view()
+
+    return wrapped
 
 
 @bp.route("/change-password", methods=["GET", "POST"])
-@login_required
+@_change_password_step_up
 def change_password() -> Page:
     form = ChangePasswordForm()
     if form.validate_on_submit():
         try:
-            auth_manager().change_password(
+            new_token = services().accounts.change_password(
                 current_user.id,
                 form.current_password.data,
                 form.new_password.data,
-                keep_session_token=session_token(),
+                client=client(),
+                current_token=session_token(),
+            )
+        except (AccountThrottled, AccountLocked) as exc:
+            flash(exc.message, "error")
+            return render_template("auth/change_password.html", form=form), 429, _retry_headers(
+                getattr(exc, "retry_at", None)
             )
         except AuthError as exc:
             flash(exc.message, "error")
         else:
+            if new_token:
+                start_session(new_token)
             flash("Your password has been changed. Other sessions were signed out.", "success")
             return redirect(url_for("auth.profile"))
     status = 400 if request.method == "POST" else 200
@@ -199,7 +258,7 @@ def change_password() -> Page:
 @login_required
 def end_session(session_id: int) -> Response:
     if PostForm().validate_on_submit():
-        if auth_manager().end_session(current_user.id, session_id):
+        if services().sessions.end_one(current_user.id, session_id):
             flash("That session has been signed out.", "success")
         else:
             flash("That session was not found or has already ended.", "error")
@@ -210,7 +269,7 @@ def end_session(session_id: int) -> Response:
 @login_required
 def end_other_sessions() -> Response:
     if PostForm().validate_on_submit():
-        ended = auth_manager().end_other_sessions(current_user.id, session_token() or "")
+        ended = services().sessions.end_others(current_user.id, session_token() or "")
         flash(f"Signed out {ended} other session{'s' if ended != 1 else ''}.", "success")
     return redirect(url_for("auth.profile"))
 
@@ -226,7 +285,9 @@ def _setup_page(form: SetupConfirmForm, setup: object, status: int = 200) -> Pag
 @login_required
 @per_address(SETUP_LIMIT, methods=["POST"])
 def mfa_setup() -> Page:
-    manager = auth_manager()
+    """GET shows the pending setup (the same secret every time) or the form that starts one;
+    POST confirms it with a code. Nothing here changes state on GET."""
+    factors = services().factors
     if current_user.two_factor_enabled:
         flash(
             "Two-factor authentication is already on. To move it to a new device, disable it "
@@ -235,30 +296,47 @@ def mfa_setup() -> Page:
         )
         return redirect(url_for("auth.profile"))
     form = SetupConfirmForm()
+    pending = factors.pending_setup(current_user.id)
     if request.method == "GET":
-        return _setup_page(form, manager.start_mfa_setup(current_user.id))
+        if pending is None:
+            return render_template(
+                "auth/mfa_setup_start.html", form=PostForm(), needs_password=_needs_password()
+            )
+        return _setup_page(form, pending)
+    if pending is None:
+        return render_template("auth/mfa_setup_expired.html"), 400
     if not form.validate_on_submit():
-        pending = manager.get_pending_setup(current_user.id)
-        if pending is None:
-            return render_template("auth/mfa_setup_expired.html"), 400
         return _setup_page(form, pending, 400)
-    try:
-        codes = manager.confirm_mfa_setup(current_user.id, form.code.data)
-    except (AccountThrottled, AccountLocked) as exc:
-        flash(exc.message, "error")
-        pending = manager.get_pending_setup(current_user.id)
-        if pending is None:
-            return render_template("auth/mfa_setup_expired.html"), 429
-        page, _ = _setup_page(form, pending)  # type: ignore[misc]
-        return page, 429, _retry_headers(getattr(exc, "retry_at", None))
-    except MFAError as exc:
-        pending = manager.get_pending_setup(current_user.id)
-        if pending is None:
-            return render_template("auth/mfa_setup_expired.html", message=exc.message), 400
-        flash(exc.message, "error")
-        return _setup_page(form, pending, 400)
-    flash("Two-factor authentication is now enabled.", "success")
-    return _codes_page(codes, first_time=True)
+    outcome = factors.confirm_setup(
+        current_user.id, form.code.data, keep_session_token=session_token(),
+        throttle_key=None,
+    )
+    if outcome.codes is not None:
+        flash("Two-factor authentication is now enabled.", "success")
+        return _codes_page(outcome.codes, first_time=True)
+    if outcome.expired:
+        return render_template("auth/mfa_setup_expired.html", message=outcome.message), 400
+    flash(outcome.message, "error")
+    status = 429 if outcome.retry_at else 403 if outcome.locked else 400
+    page, _ = _setup_page(form, pending)  # type: ignore[misc]
+    return page, status, _retry_headers(outcome.retry_at)
+
+
+def _needs_password() -> bool:
+    return not services().step_up.is_fresh(current_session_row())
+
+
+@bp.post("/mfa/setup/start")
+@per_address(SETUP_LIMIT)
+@step_up_required(lambda: url_for("auth.mfa_setup"))
+def mfa_setup_start() -> Response:
+    """Start (or restart) an enrolment: a step-up action, as it binds a new authenticator."""
+    if not PostForm().validate_on_submit():
+        return redirect(url_for("auth.mfa_setup"))
+    if current_user.two_factor_enabled:
+        return redirect(url_for("auth.profile"))
+    services().factors.start_setup(current_user.id)
+    return redirect(url_for("auth.mfa_setup"))
 
 
 def _codes_page(codes: list[str], *, first_time: bool) -> Response:
@@ -282,7 +360,7 @@ def backup_codes() -> Page:
         flash("MFA not enabled", "info")
         return redirect(url_for("auth.profile"))
     try:
-        info = auth_manager().get_backup_codes_info(current_user.id)
+        info = services().factors.backup_codes_info(current_user.id)
     except SecretUnavailable as exc:
         return render_template(
             "auth/backup_codes.html",
@@ -301,49 +379,173 @@ def backup_codes() -> Page:
 
 
 @bp.post("/mfa/backup-codes/regenerate")
-@login_required
 @per_address(REGENERATE_LIMIT)
+@step_up_required(lambda: url_for("auth.backup_codes"))
 def regenerate_backup_codes() -> Page:
-    form = RegenerateForm()
-    if form.validate_on_submit():
-        try:
-            codes = auth_manager().regenerate_backup_codes(
-                current_user.id,
-                form.password.data,
-                form.code.data or None,
-                mfa_verified_at=mfa_verified_at(),
-                keep_session_token=session_token(),
-            )
-        except AuthError as exc:
-            flash(exc.message, "error")
-        else:
-            flash("New backup codes generated. The old codes no longer work.", "success")
-            return _codes_page(codes, first_time=False)
-    else:
+    if not RegenerateForm().validate_on_submit():
         flash("Enter your password to regenerate backup codes.", "error")
-    return redirect(url_for("auth.backup_codes"))
+        return redirect(url_for("auth.backup_codes"))
+    try:
+        codes = services().factors.regenerate_backup_codes(
+            current_user.id, keep_session_token=session_token()
+        )
+    except AuthError as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("auth.backup_codes"))
+    flash("New backup codes generated. The old codes no longer work.", "success")
+    return _codes_page(codes, first_time=False)
 
 
 @bp.post("/mfa/disable")
-@login_required
+@step_up_required(lambda: url_for("auth.profile"))
 def mfa_disable() -> Response:
-    form = DisableMFAForm()
-    if form.validate_on_submit():
-        try:
-            auth_manager().disable_mfa(
-                current_user.id,
-                form.password.data,
-                form.code.data or None,
-                mfa_verified_at=mfa_verified_at(),
-                keep_session_token=session_token(),
-            )
-        except AuthError as exc:
-            flash(exc.message, "error")
-        else:
-            flash(
-                "Two-factor authentication has been disabled. We recommend turning it back on.",
-                "warning",
-            )
-    else:
+    if not DisableMFAForm().validate_on_submit():
         flash("Enter your password to disable two-factor authentication.", "error")
+        return redirect(url_for("auth.profile"))
+    try:
+        services().factors.disable(current_user.id, keep_session_token=session_token())
+    except AuthError as exc:
+        flash(exc.message, "error")
+    else:
+        flash(
+            "Two-factor authentication has been disabled. We recommend turning it back on.",
+            "warning",
+        )
     return redirect(url_for("auth.profile"))
+
+
+# -- self-service by mail: forgot password, reset link, change of email address ------------------
+# (imports kept with the pages they serve; the rules live in auth.services.password_reset)
+from qpki.auth.mail_forms import (  # noqa: E402
+    ChangeEmailForm,
+    ConfirmForm,
+    ForgotPasswordForm,
+    ResetPasswordForm,
+)
+from qpki.auth.services.password_reset import LinkRejected  # noqa: E402
+from qpki.mail.setup import mail_components  # noqa: E402
+
+# Per client address, whether or not the account exists (so the limit reveals nothing); the
+# per-account limit is the service's and is silent.
+FORGOT_LIMIT = "5 per minute;30 per hour"
+
+
+def _no_store(page: str, status: int = 200) -> Response:
+    """Pages under a link with a token are never cached (said here too, not only by the
+    app-wide headers, because caching one would keep the token in a shared cache)."""
+    response = make_response(page, status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.route("/password/forgot", methods=["GET", "POST"])
+@per_address(FORGOT_LIMIT, methods=["POST"])
+def password_forgot() -> Page:
+    form = ForgotPasswordForm()
+    if not form.validate_on_submit():
+        status = 400 if request.method == "POST" else 200
+        return render_template("auth/password_forgot.html", form=form, answer=None), status
+    answer = mail_components().password_reset.request_reset(form.login.data, ip=client().ip)
+    return render_template("auth/password_forgot.html", form=None, answer=answer)
+
+
+@bp.route("/password/reset/<token>", methods=["GET", "POST"])
+def password_reset(token: str) -> Response:
+    service = mail_components().password_reset
+    form = ResetPasswordForm()
+    status = 200
+    if request.method == "POST":
+        status = 400
+        if form.validate_on_submit():
+            who = client()
+            try:
+                service.reset_password(
+                    token,
+                    form.new_password.data,
+                    form.confirm_password.data,
+                    ip=who.ip,
+                    user_agent=who.user_agent,
+                )
+            except LinkRejected as exc:
+                page = render_template("auth/password_link_invalid.html", message=exc.message)
+                return _no_store(page, 400)
+            except AuthError as exc:
+                flash(exc.message, "error")
+            else:
+                session.clear()
+                flash(
+                    "Your password has been changed and every session was signed out. Sign in "
+                    "with the new password.",
+                    "success",
+                )
+                return redirect(url_for("auth.login"))
+    try:
+        info = service.check_link(token)
+    except LinkRejected as exc:
+        page = render_template("auth/password_link_invalid.html", message=exc.message)
+        return _no_store(page, 400)
+    page = render_template("auth/password_reset.html", form=form, info=info, token=token)
+    return _no_store(page, status)
+
+
+@bp.get("/email")
+@login_required
+def change_email() -> Page:
+    return render_template(
+        "auth/email_change.html",
+        form=ChangeEmailForm(),
+        reauth_form=ReauthForm(),
+        needs_code=_needs_code(),
+    )
+
+
+@bp.post("/email")
+@step_up_required(lambda: url_for("auth.change_email"))
+def change_email_submit() -> Page:
+    form = ChangeEmailForm()
+    if not form.validate_on_submit():
+        return render_template(
+            "auth/email_change.html",
+            form=form,
+            reauth_form=ReauthForm(),
+            needs_code=_needs_code(),
+        ), 400
+    try:
+        address = mail_components().email_change.request_change(
+            current_user.id, form.new_email.data, ip=client().ip
+        )
+    except AuthError as exc:
+        flash(exc.message, "error")
+        return render_template(
+            "auth/email_change.html",
+            form=form,
+            reauth_form=ReauthForm(),
+            needs_code=_needs_code(),
+        ), 400
+    flash(
+        f"A confirmation link was sent to {address}. Your address changes when you open it.",
+        "success",
+    )
+    return redirect(url_for("auth.profile"))
+
+
+@bp.route("/email/confirm/<token>", methods=["GET", "POST"])
+def confirm_email(token: str) -> Response:
+    """GET only shows the button: mail scanners open links, and must not confirm anything."""
+    service = mail_components().email_change
+    form = ConfirmForm()
+    if request.method == "POST" and form.validate_on_submit():
+        who = client()
+        try:
+            info = service.confirm(token, ip=who.ip, user_agent=who.user_agent)
+        except LinkRejected as exc:
+            page = render_template("auth/password_link_invalid.html", message=exc.message)
+            return _no_store(page, 400)
+        flash(f"The email address of {info.username} is now {info.new_email}.", "success")
+        return redirect(url_for("auth.profile" if current_user.is_authenticated else "auth.login"))
+    try:
+        info = service.check_link(token)
+    except LinkRejected as exc:
+        page = render_template("auth/password_link_invalid.html", message=exc.message)
+        return _no_store(page, 400)
+    return _no_store(render_template("auth/email_confirm.html", form=form, info=info, token=token))

@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from qpki.auth.models import User, UserSession
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+# Sign-in methods that proved a second factor (a password-only sign-in is not one).
+SECOND_FACTOR_METHODS = frozenset({"totp", "backup_code", "webauthn"})
 
 
 def token_digest(token: str) -> str:
@@ -57,8 +59,13 @@ class SessionStore:
         now: datetime,
         ip: str = "",
         user_agent: str = "",
+        method: str = "",
     ) -> str:
-        """A new session row; returns the raw token (shown to nobody but the cookie)."""
+        """A new session row; returns the raw token (shown to nobody but the cookie).
+
+        ``method`` is how the sign-in was completed; a sign-in with both factors counts as a
+        fresh re-authentication for step-up.
+        """
         token = secrets.token_urlsafe(32)
         lifetime = self.policy.absolute if mfa_passed else self.policy.pending
         session.add(
@@ -71,6 +78,8 @@ class SessionStore:
                 expires_at=now + lifetime,
                 ip=ip[:64],
                 user_agent=user_agent[:256],
+                auth_method=method,
+                reauth_at=now if method in SECOND_FACTOR_METHODS else None,
             )
         )
         session.flush()
@@ -112,6 +121,36 @@ class SessionStore:
         if now - row.last_seen_at >= LAST_SEEN_RESOLUTION:
             row.last_seen_at = now
         return ResolvedSession(row=row, user=user)  # type: ignore[arg-type]
+
+    def claim_pending(self, session: Session, token: str, now: datetime) -> UserSession | None:
+        """End a live pending session atomically, so exactly one second step can use it.
+
+        One conditional UPDATE: of two requests racing on one pending sign-in, one gets the
+        row and the other gets ``None`` before it spends anything. :meth:`release` undoes the
+        claim (inside the same transaction) when the factor turns out wrong.
+        """
+        claimed = session.execute(
+            update(UserSession)
+            .where(
+                UserSession.token_hash == token_digest(token),
+                UserSession.ended_at.is_(None),
+                UserSession.mfa_passed.is_(False),
+                UserSession.expires_at > now,
+            )
+            .values(ended_at=now, end_reason="mfa_completed")
+            .returning(UserSession.id)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        return session.get(UserSession, claimed) if claimed is not None else None
+
+    def release(self, session: Session, row: UserSession) -> None:
+        """Give back a claimed pending session (the factor was wrong; the user may retry)."""
+        session.execute(
+            update(UserSession)
+            .where(UserSession.id == row.id)
+            .values(ended_at=None, end_reason=None)
+            .execution_options(synchronize_session=False)
+        )
 
     def end(self, session: Session, row: UserSession, reason: str, now: datetime) -> None:
         if row.ended_at is None:

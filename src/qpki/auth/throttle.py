@@ -9,6 +9,7 @@ visible in the admin user list and audited. A success resets the count.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 FREE_FAILURES = 5
@@ -44,17 +45,6 @@ def humanise(delta: timedelta) -> str:
     return f"{minutes} minutes"
 
 
-# -- state in the database ---------------------------------------------------------------------
-# (imports kept below the pure policy so the arithmetic above reads on its own)
-from dataclasses import dataclass  # noqa: E402
-
-from sqlalchemy import insert, select, update  # noqa: E402
-from sqlalchemy.dialects import postgresql, sqlite  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
-
-from qpki.auth.models import LoginThrottle  # noqa: E402
-
-
 @dataclass(frozen=True)
 class ThrottleState:
     """What the account's throttle says right now."""
@@ -70,66 +60,3 @@ class ThrottleState:
 def account_key(username: str) -> str:
     """The throttle key of a typed username: case-folded and trimmed like ``username_key``."""
     return username.strip().casefold()[:64]
-
-
-class AccountThrottle:
-    """Reads and updates ``login_throttle`` rows inside the caller's transaction."""
-
-    def state(self, session: Session, key: str) -> ThrottleState:
-        row = session.get(LoginThrottle, key)
-        if row is None:
-            return ThrottleState(0, None, False)
-        return ThrottleState(row.failures, row.next_allowed_at, row.locked_at is not None)
-
-    def record_failure(self, session: Session, key: str, now: datetime) -> ThrottleState:
-        """Count one failure atomically (safe across processes) and set the next wait."""
-        dialect = session.get_bind().dialect.name
-        values = {"key": key, "failures": 0}
-        if dialect == "postgresql":
-            session.execute(
-                postgresql.insert(LoginThrottle).values(values).on_conflict_do_nothing()
-            )
-        elif dialect == "sqlite":
-            session.execute(sqlite.insert(LoginThrottle).values(values).on_conflict_do_nothing())
-        elif session.get(LoginThrottle, key) is None:  # pragma: no cover - other backends
-            session.execute(insert(LoginThrottle).values(values))
-        failures = session.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key == key)
-            .values(failures=LoginThrottle.failures + 1, last_failure_at=now)
-            .returning(LoginThrottle.failures)
-        ).scalar_one()
-        retry_at = next_allowed(failures, now)
-        locked = is_hard_locked(failures)
-        changes: dict[str, object] = {"next_allowed_at": retry_at}
-        if locked:
-            changes["locked_at"] = now
-        session.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key == key, LoginThrottle.locked_at.is_(None))
-            .values(**changes)
-        )
-        session.expire_all()
-        return ThrottleState(failures, retry_at, locked)
-
-    def reset(self, session: Session, key: str) -> None:
-        """A success: forget the failures (the hard lock is only lifted by :meth:`unlock`)."""
-        session.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key == key, LoginThrottle.locked_at.is_(None))
-            .values(failures=0, next_allowed_at=None)
-        )
-
-    def unlock(self, session: Session, key: str) -> bool:
-        """Lift a hard lock or back-off; True if there was anything to lift."""
-        result = session.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key == key, LoginThrottle.failures > 0)
-            .values(failures=0, next_allowed_at=None, locked_at=None)
-        )
-        return bool(result.rowcount)
-
-    def locked_keys(self, session: Session) -> set[str]:
-        return set(
-            session.scalars(select(LoginThrottle.key).where(LoginThrottle.locked_at.is_not(None)))
-        )

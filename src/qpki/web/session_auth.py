@@ -16,6 +16,7 @@ from werkzeug.wrappers import Response
 
 from qpki.auth.auth_manager import AuthManager
 from qpki.auth.models import User, UserSession
+from qpki.auth.services.audit_trail import AuditTrailService
 
 SESSION_KEY = "sid"
 NEXT_KEY = "next"
@@ -23,6 +24,15 @@ NEXT_KEY = "next"
 
 def auth_manager() -> AuthManager:
     return current_app.auth_manager  # type: ignore[attr-defined, no-any-return]
+
+
+def audit_trail() -> AuditTrailService:
+    """The audit trail use cases over this app's database and AuditLog.
+
+    Built per call (it holds no state) until the services are registered in app.extensions.
+    """
+    manager = auth_manager()
+    return AuditTrailService(manager.db, manager.audit, manager.services.clock)
 
 
 def current_session_row() -> UserSession | None:

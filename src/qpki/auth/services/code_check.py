@@ -1,0 +1,208 @@
+"""Checking a submitted TOTP or backup code inside the caller's write transaction.
+
+The checks are cheap (a Fernet decryption, an HMAC per time step, a few PBKDF2 rounds for
+backup codes), so the reservation, the check, the replay guard and the audit record all fit
+in one transaction: the attempt is counted before it is checked and its outcome commits with
+it, whatever happens after.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import or_, update
+from sqlalchemy.orm import Session
+
+from qpki.audit.events import AuditEvent, Outcome
+from qpki.audit.log import AuditLog
+from qpki.auth import errors
+from qpki.auth.errors import SecretUnavailable
+from qpki.auth.mfa import BackupCodeEntry, CodeKind, MFAManager, SecretDecryptionError
+from qpki.auth.models import User
+from qpki.auth.services.common import ThrottleGate, audit_own, refusal_for
+from qpki.mail.alerts import Alert
+from qpki.mail.notifier import Notifier
+
+log = logging.getLogger(__name__)
+
+LOW_BACKUP_CODES = 3
+# How many times a backup-code compare-and-swap is retried when another use raced it.
+BACKUP_CAS_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CodeOutcome:
+    """The verdict on one submitted code. ``message`` is what the user may be shown."""
+
+    success: bool
+    message: str
+    method: str | None = None
+    backup_codes_remaining: int | None = None
+    retry_at: datetime | None = None
+    locked: bool = False
+
+
+def decrypt_secret(mfa: MFAManager, token: str | None, user_id: int) -> str:
+    """The plaintext TOTP secret, or SecretUnavailable (fail closed, logged once)."""
+    if not token:
+        log.error("user id=%s has 2FA on but no TOTP secret stored", user_id)
+        raise SecretUnavailable()
+    try:
+        return mfa.decrypt(token)
+    except SecretDecryptionError:
+        log.error(
+            "TOTP secret of user id=%s cannot be decrypted (wrong key or tampering); refused",
+            user_id,
+        )
+        raise SecretUnavailable() from None
+
+
+def backup_entries(mfa: MFAManager, user: User) -> list[BackupCodeEntry]:
+    """The user's backup-code entries; SecretUnavailable rather than ever reporting none."""
+    if not user.backup_codes:
+        if user.two_factor_enabled:
+            log.error("user id=%s has 2FA on but no backup codes stored", user.id)
+            raise SecretUnavailable()
+        return []
+    try:
+        return mfa.decrypt_backup_entries(user.backup_codes)
+    except SecretDecryptionError:
+        log.error(
+            "backup codes of user id=%s cannot be decrypted (wrong key or tampering); refused",
+            user.id,
+        )
+        raise SecretUnavailable() from None
+
+
+class CodeChecker:
+    """Verify a code for a user: reserve the attempt, check, guard against reuse, audit."""
+
+    def __init__(
+        self, mfa: MFAManager, audit: AuditLog, gate: ThrottleGate, notifier: Notifier
+    ) -> None:
+        self.mfa = mfa
+        self.audit = audit
+        self.gate = gate
+        self.notifier = notifier
+
+    def check(
+        self,
+        s: Session,
+        user: User,
+        code: str,
+        now: datetime,
+        *,
+        throttle_key: str,
+        allow_backup: bool = True,
+    ) -> CodeOutcome:
+        """One attempt, counted before it is checked; the caller's transaction commits it."""
+        if not user.two_factor_enabled:
+            return CodeOutcome(False, errors.MFA_NOT_ENABLED)
+        reservation = self.gate.reserve(s, throttle_key, now, user=user, typed_name=user.username)
+        if not reservation.granted:
+            refusal = refusal_for(reservation.state, now)
+            self._fail(s, user, now, {"reason": "throttled"})
+            return CodeOutcome(
+                False, refusal.message, retry_at=refusal.retry_at, locked=refusal.locked
+            )
+        failures = reservation.state.failures
+        kind = self.mfa.classify_code(code or "")
+        if kind is CodeKind.BACKUP and not allow_backup:
+            kind = CodeKind.INVALID
+        try:
+            if kind is CodeKind.TOTP:
+                reason, remaining = self._check_totp(s, user, code, now), None
+            elif kind is CodeKind.BACKUP:
+                reason, remaining = self._check_backup(s, user, code, now)
+            else:
+                reason, remaining = "invalid", None
+        except SecretUnavailable as exc:
+            self._fail(s, user, now, {"reason": "undecryptable", "failures": failures})
+            return CodeOutcome(False, exc.message)
+        method = kind.value
+        if reason != "ok":
+            if reason == "replay":
+                log.warning("replayed TOTP code refused for user id=%s", user.id)
+            self._fail(s, user, now, {"reason": reason, "method": method, "failures": failures})
+            # The password was right (or the user is signed in): tell the owner, at most
+            # once per window (the Notifier's rule; the throttle row lock keeps it exact).
+            self.notifier.security_alert(s, user, Alert.WRONG_SECOND_FACTOR, at=now)
+            message = errors.BACKUP_CODE_USED if reason == "already_used" else errors.INVALID_CODE
+            return CodeOutcome(False, message, method=method)
+        self.gate.store.reset(s, throttle_key)
+        audit_own(
+            self.audit, s, AuditEvent.MFA_VERIFY_SUCCESS, user, at=now, details={"method": method}
+        )
+        if kind is CodeKind.BACKUP:
+            audit_own(
+                self.audit,
+                s,
+                AuditEvent.BACKUP_CODE_USED,
+                user,
+                at=now,
+                details={"remaining": remaining},
+            )
+            self.notifier.security_alert(
+                s, user, Alert.BACKUP_CODE_USED, at=now, remaining=remaining
+            )
+            plural = "" if remaining == 1 else "s"
+            return CodeOutcome(
+                True,
+                f"Backup code accepted. {remaining} backup code{plural} remaining.",
+                method=method,
+                backup_codes_remaining=remaining,
+            )
+        return CodeOutcome(True, "Verification successful", method=method)
+
+    def _fail(self, s: Session, user: User, now: datetime, details: dict[str, object]) -> None:
+        audit_own(
+            self.audit,
+            s,
+            AuditEvent.MFA_VERIFY_FAILURE,
+            user,
+            Outcome.FAILURE,
+            at=now,
+            details=details,
+        )
+
+    def _check_totp(self, s: Session, user: User, code: str, now: datetime) -> str:
+        secret = decrypt_secret(self.mfa, user.totp_secret, user.id)
+        step = self.mfa.verify_totp(secret, code, at=now)
+        if step is None:
+            return "invalid"
+        # The replay guard: one atomic conditional UPDATE, so it holds across processes.
+        guarded = s.execute(
+            update(User)
+            .where(User.id == user.id)
+            .where(or_(User.totp_last_step.is_(None), User.totp_last_step < step))
+            .values(totp_last_step=step)
+            .execution_options(synchronize_session=False)
+        )
+        return "ok" if guarded.rowcount == 1 else "replay"
+
+    def _check_backup(
+        self, s: Session, user: User, code: str, now: datetime
+    ) -> tuple[str, int | None]:
+        for _attempt in range(BACKUP_CAS_ATTEMPTS):
+            version = user.backup_codes_version
+            entries = backup_entries(self.mfa, user)
+            index = self.mfa.match_backup_code(entries, code)
+            if index is None:
+                return "invalid", None
+            if entries[index].used_at is not None:
+                return "already_used", None
+            entries[index].used_at = now.isoformat()
+            blob = self.mfa.encrypt_backup_entries(entries)
+            # Compare-and-swap on the version: two concurrent uses of one code → one success.
+            swapped = s.execute(
+                update(User)
+                .where(User.id == user.id, User.backup_codes_version == version)
+                .values(backup_codes=blob, backup_codes_version=version + 1)
+                .execution_options(synchronize_session=False)
+            )
+            if swapped.rowcount == 1:
+                return "ok", sum(1 for e in entries if e.used_at is None)
+            s.refresh(user)
+        raise RuntimeError("backup code state kept changing under us; giving up")

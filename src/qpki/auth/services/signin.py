@@ -1,0 +1,309 @@
+"""Signing in: the password step, then the second step on the pending session.
+
+The password step takes two short transactions around the deliberately slow argon2 check
+(reserve the attempt, then settle it), so SQLite writers are never held up by hashing. The
+second step is one transaction: claim the pending session, reserve the attempt, check the
+code with its replay guard, open the full session and audit — all or nothing, with a failure
+recorded and committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from qpki.audit.events import AuditEvent, Outcome
+from qpki.audit.log import AuditLog
+from qpki.auth import errors
+from qpki.auth.errors import AccountLocked, AccountThrottled, InvalidCredentials
+from qpki.auth.models import User
+from qpki.auth.passwords import Passwords
+from qpki.auth.services.code_check import CodeChecker, CodeOutcome
+from qpki.auth.services.common import Client, ThrottleGate, audit_own, refusal_for
+from qpki.auth.services.devices import KnownDevices
+from qpki.auth.sessions import SessionStore
+from qpki.auth.throttle import account_key
+from qpki.clock import Clock
+from qpki.db.manager import DatabaseManager
+from qpki.mail.alerts import Alert
+from qpki.mail.notifier import Notifier
+
+
+@dataclass(frozen=True)
+class PasswordCheck:
+    """A right password: the user, and the throttle key the attempt was counted under."""
+
+    user: User
+    throttle_key: str
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """After the password step: a session token, and whether the second factor is still due."""
+
+    user: User
+    token: str
+    mfa_required: bool
+    device_token: str | None = None
+
+
+@dataclass(frozen=True)
+class MFAResult:
+    """After the second-factor step."""
+
+    success: bool
+    message: str
+    token: str | None = None
+    method: str | None = None
+    backup_codes_remaining: int | None = None
+    retry_at: datetime | None = None
+    locked: bool = False
+    device_token: str | None = None
+
+
+class SignInService:
+    """The two steps of a web sign-in, and the password check they share with others."""
+
+    def __init__(
+        self,
+        db: DatabaseManager,
+        audit: AuditLog,
+        clock: Clock,
+        passwords: Passwords,
+        gate: ThrottleGate,
+        sessions: SessionStore,
+        checker: CodeChecker,
+        devices: KnownDevices,
+        notifier: Notifier,
+    ) -> None:
+        self.db = db
+        self.audit = audit
+        self.clock = clock
+        self.passwords = passwords
+        self.gate = gate
+        self.sessions = sessions
+        self.checker = checker
+        self.devices = devices
+        self.notifier = notifier
+
+    def authenticate(
+        self,
+        username: str,
+        password: str,
+        *,
+        client: Client | None = None,
+        now: datetime | None = None,
+    ) -> PasswordCheck:
+        """Check a username and password (the first factor).
+
+        Raises InvalidCredentials for an unknown user, a wrong password or an inactive account
+        alike (one message, one argon2 computation), AccountThrottled / AccountLocked when the
+        attempt may not be checked now. Every attempt is counted before the hash is computed;
+        a right password leaves the count as it was (see ``finish_password``).
+        """
+        client = client or Client()
+        now = now or self.clock()
+        key = account_key(username)
+        with self.db.transaction() as s:
+            user = s.scalar(select(User).where(User.username_key == key))
+            throttle_key = self.devices.throttle_key(s, user, key, client.device_token)
+            reservation = self.gate.reserve(s, throttle_key, now, user=user, typed_name=username)
+            if not reservation.granted:
+                refusal = refusal_for(reservation.state, now)
+                self.audit.record(
+                    s,
+                    AuditEvent.LOGIN_FAILURE,
+                    Outcome.FAILURE,
+                    target_user_id=user.id if user else None,
+                    target_name=username[:64],
+                    details={"reason": "locked" if refusal.locked else "throttled"},
+                    at=now,
+                )
+        if not reservation.granted:
+            if refusal.locked:
+                raise AccountLocked()
+            assert refusal.retry_at is not None
+            raise AccountThrottled(refusal.message, refusal.retry_at)
+        ok = self.passwords.verify(user.password_hash if user else None, password)
+        if not (ok and user is not None and user.is_active):
+            reason = "unknown_user" if user is None else "bad_password" if not ok else "inactive"
+            with self.db.transaction() as s:
+                self.audit.record(
+                    s,
+                    AuditEvent.LOGIN_FAILURE,
+                    Outcome.FAILURE,
+                    target_user_id=user.id if user else None,
+                    target_name=username[:64],
+                    details={"reason": reason, "failures": reservation.state.failures},
+                    at=now,
+                )
+            raise InvalidCredentials()
+        if self.passwords.needs_rehash(user.password_hash):
+            user.password_hash = self.passwords.hash(password)
+            with self.db.transaction() as s:
+                s.execute(
+                    update(User).where(User.id == user.id).values(password_hash=user.password_hash)
+                )
+        return PasswordCheck(user, throttle_key)
+
+    def check_password(
+        self,
+        username: str,
+        password: str,
+        *,
+        client: Client | None = None,
+        now: datetime | None = None,
+    ) -> User:
+        """A password check on its own (no session): counted, then refunded when right."""
+        check = self.authenticate(username, password, client=client, now=now)
+        with self.db.transaction() as s:
+            self.gate.store.refund(s, check.throttle_key)
+        return check.user
+
+    def login(
+        self,
+        username: str,
+        password: str,
+        *,
+        client: Client | None = None,
+        replaces_token: str | None = None,
+        now: datetime | None = None,
+    ) -> LoginResult:
+        """The password step: a full session, or a pending one if 2FA is on.
+
+        A session this browser already had (``replaces_token``) ends: signing in again never
+        leaves the old session valid.
+        """
+        client = client or Client()
+        now = now or self.clock()
+        check = self.authenticate(username, password, client=client, now=now)
+        user, throttle_key = check.user, check.throttle_key
+        with self.db.transaction() as s:
+            if replaces_token:
+                old = self.sessions.find(s, replaces_token)
+                if old is not None:
+                    self.sessions.end(s, old, "signed_in_again", now)
+            if user.two_factor_enabled:
+                self.gate.store.refund(s, throttle_key)
+                token = self.sessions.create(
+                    s,
+                    user.id,
+                    mfa_passed=False,
+                    now=now,
+                    ip=client.ip,
+                    user_agent=client.user_agent,
+                )
+                audit_own(self.audit, s, AuditEvent.LOGIN_PASSWORD_ACCEPTED, user, at=now)
+                return LoginResult(user=user, token=token, mfa_required=True)
+            token, device_token = self.open_full_session(
+                s, user, now, client, method="password", throttle_key=throttle_key
+            )
+            return LoginResult(user, token, mfa_required=False, device_token=device_token)
+
+    def complete_second_step(
+        self,
+        pending_token: str,
+        code: str,
+        *,
+        client: Client | None = None,
+        now: datetime | None = None,
+    ) -> MFAResult:
+        """The second step: on success a new session replaces the pending one."""
+        client = client or Client()
+        now = now or self.clock()
+        with self.db.transaction() as s:
+            pending = self.sessions.claim_pending(s, pending_token, now)
+            user = s.get(User, pending.user_id) if pending is not None else None
+            if pending is None or user is None or not user.is_active:
+                return MFAResult(False, errors.SIGNIN_EXPIRED)
+            throttle_key = self.devices.throttle_key(
+                s, user, user.username_key, client.device_token
+            )
+            outcome = self.checker.check(s, user, code, now, throttle_key=throttle_key)
+            if not outcome.success:
+                self.sessions.release(s, pending)
+                return MFAResult(
+                    False,
+                    outcome.message,
+                    method=outcome.method,
+                    retry_at=outcome.retry_at,
+                    locked=outcome.locked,
+                )
+            token, device_token = self.open_full_session(
+                s, user, now, client, method=outcome.method, throttle_key=throttle_key
+            )
+        return MFAResult(
+            True,
+            outcome.message,
+            token=token,
+            method=outcome.method,
+            backup_codes_remaining=outcome.backup_codes_remaining,
+            device_token=device_token,
+        )
+
+    def verify_code(
+        self,
+        user_id: int,
+        code: str,
+        *,
+        throttle_key: str | None = None,
+        now: datetime | None = None,
+    ) -> CodeOutcome:
+        """Check a TOTP or backup code for a user, outside any sign-in (the seed's API, and
+        the JSON API): the same reservation, replay guard and audit as the second step."""
+        now = now or self.clock()
+        with self.db.transaction() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                return CodeOutcome(False, errors.MFA_NOT_ENABLED)
+            return self.checker.check(
+                s, user, code, now, throttle_key=throttle_key or user.username_key
+            )
+
+    def open_full_session(
+        self,
+        s: Session,
+        user: User,
+        now: datetime,
+        client: Client,
+        *,
+        method: str | None,
+        throttle_key: str,
+    ) -> tuple[str, str | None]:
+        """A signed-in session; the browser becomes a known device. (token, new device token)"""
+        token = self.sessions.create(
+            s,
+            user.id,
+            mfa_passed=True,
+            now=now,
+            ip=client.ip,
+            user_agent=client.user_agent,
+            method=method or "password",
+        )
+        signed_in_before = user.last_login_at is not None
+        s.execute(update(User).where(User.id == user.id).values(last_login_at=now))
+        self.gate.store.reset(s, throttle_key)
+        device_token = self.devices.remember(
+            s, user, client.device_token, now, client.ip, client.user_agent
+        )
+        if device_token is not None and signed_in_before:
+            self.notifier.security_alert(
+                s,
+                user,
+                Alert.NEW_DEVICE_SIGN_IN,
+                at=now,
+                ip=client.ip or None,
+                user_agent=client.user_agent or None,
+            )
+        audit_own(
+            self.audit,
+            s,
+            AuditEvent.LOGIN_SUCCESS,
+            user,
+            at=now,
+            details={"second_factor": method or "none", "new_device": device_token is not None},
+        )
+        return token, device_token
