@@ -1,32 +1,49 @@
 # qPKI — the two commands of the README: `make run` and `make test`.
+# Both install with the versions pinned in constraints.txt (the ones the tests ran with);
+# `make run` installs only what running needs, `make test` adds the test extras.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: install run test lint bench clean
+.PHONY: install install-test run test lint bench bench-quick constraints clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+$(BIN)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
 	touch $@
 
+$(BIN)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $(BIN)/.installed $@
+
 install: $(BIN)/.installed
+
+install-test: $(BIN)/.installed-test
 
 run: install
 	$(BIN)/qpki run
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check src tests bench app.py
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-test
 	$(BIN)/python bench/run.py
 
-bench-quick: install
+bench-quick: install-test
 	$(BIN)/python bench/run.py --quick
+
+# Pin what the test venv holds now; commit the result with the change that needed it.
+constraints: install-test
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

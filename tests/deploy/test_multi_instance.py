@@ -101,6 +101,8 @@ def deployment(
         "QPKI_REDIS_URL": deploy_redis.url,
         "QPKI_SECRET_KEY": secrets.token_urlsafe(48),
         "QPKI_MFA_KEY": Fernet.generate_key().decode(),
+        # A shared database needs every key explicit and identical (else start-up refuses).
+        "QPKI_AUDIT_KEY": secrets.token_urlsafe(32),
         "QPKI_HTTPS": "0",
         "QPKI_PROXY_FIX": "0",
         "QPKI_RATE_LIMITS": "1",
@@ -266,6 +268,14 @@ def test_mfa_setup_started_on_a_is_confirmed_on_b(
     frank = deployment.account("setup", mfa=False)
     assert _location(a.login(frank.username, PASSWORD)).endswith("/")
 
+    start = a.get("/auth/mfa/setup")  # GET starts nothing: "Start setup" is a POST
+    started = a.post(
+        "/auth/mfa/setup/start",
+        {"password": PASSWORD},
+        token=a.csrf_in(start),
+        headers={"Referer": a.url("/auth/mfa/setup")},
+    )
+    assert _location(started).endswith("/auth/mfa/setup"), web.text(started)
     setup = a.get("/auth/mfa/setup")
     assert setup.status_code == 200
     secret = re.sub(r"\s+", "", web.page(setup).find(id="mfa-secret").get_text())
@@ -349,13 +359,21 @@ def test_postgres_outage_and_restart(
         assert client.get("/auth/profile").status_code == 200
     log_offsets = (len(deployment.a.log_text()), len(deployment.b.log_text()))
 
-    # Database down: every page that needs it answers a clean 503, on both instances.
+    # Database down: every page that needs it answers a clean 503, on both instances; the
+    # liveness probe still says the process is alive, the readiness probe takes it out.
     deployment.postgres.stop()
     try:
         down = [_profile_status(client) for client in (a, b, a, b, a, b)]
+        probes = [(c.get("/healthz").status_code, c.get("/readyz")) for c in (a, b)]
     finally:
         deployment.postgres.start()
     _assert_clean(down, {503})
+    for live, ready in probes:
+        assert live == 200
+        assert ready.status_code == 503, ready.text
+        assert ready.json() == {"status": "unavailable", "reason": "database unreachable"}
+    for client in (a, b):
+        assert client.get("/readyz").status_code == 200
 
     # A restart while requests keep coming: each one succeeds or fails cleanly.
     during: list[tuple[int | None, str]] = []

@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.slow]
 PASSWORD = "proxy test passphrase 5829"
 SPOOFED = "203.0.113.9"
 COOKIE = "__Host-qpki_session"
+DEVICE_COOKIE = "__Host-qpki_device"
 
 
 @dataclass
@@ -79,7 +80,12 @@ def stack(
         "QPKI_MFA_KEY": "",
         "QPKI_RATE_LIMITS": "1",
     }
-    proxied_env = {**base_env, "QPKI_HTTPS": "1", "QPKI_PROXY_FIX": "1"}
+    proxied_env = {
+        **base_env,
+        "QPKI_HTTPS": "1",
+        "QPKI_PROXY_FIX": "1",
+        "QPKI_WEBAUTHN_RP_ID": "localhost",
+    }
     service = create_app(Settings.from_env(proxied_env))
     service.db_manager.migrate_database()  # type: ignore[attr-defined]
     with ExitStack() as stack:
@@ -128,7 +134,7 @@ def _assert_host_cookie(response: Any) -> None:
     assert headers, dict(response.headers)
     for header in headers:
         name, attributes = _cookie_attributes(header)
-        assert name == COOKIE, header
+        assert name in (COOKIE, DEVICE_COOKIE), header
         assert "secure" in attributes, header
         assert "httponly" in attributes, header
         assert attributes.get("samesite", "").lower() == "lax", header
@@ -155,7 +161,8 @@ def test_session_cookie_is_secure_with_host_prefix(stack: Stack, browser: Any) -
     signed_in = browser.login(name, PASSWORD)
     assert _assert_stays_on_https(stack, signed_in) == "/"
     _assert_host_cookie(signed_in)
-    assert [c.name for c in browser.http.cookies] == [COOKIE]
+    # the session, and the device cookie that keeps this browser out of strangers' lock-outs
+    assert sorted(c.name for c in browser.http.cookies) == sorted([COOKIE, DEVICE_COOKIE])
 
 
 def test_hsts_is_sent_once_on_every_response(stack: Stack, browser: Any) -> None:
@@ -250,5 +257,5 @@ def test_app_without_proxy_fix_ignores_forwarded_for(stack: Stack, web: Callable
         spoof = {"X-Forwarded-For": SPOOFED}
         signed_in = client.login(name, PASSWORD, **spoof)
         assert signed_in.status_code == 302 and urlsplit(signed_in.headers["Location"]).path == "/"
-        assert [c.name for c in client.http.cookies] == ["qpki_session"]
+        assert sorted(c.name for c in client.http.cookies) == ["qpki_device", "qpki_session"]
     assert stack.audit_ips(AuditEvent.LOGIN_SUCCESS, name) == [LOOPBACK]

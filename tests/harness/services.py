@@ -42,6 +42,7 @@ __all__ = [
     "PostgresServer",
     "RedisServer",
     "ServiceStartError",
+    "SmtpSink",
     "app_server",
     "find_pg_bin",
     "free_port",
@@ -50,6 +51,7 @@ __all__ = [
     "postgres_cluster",
     "redis_server",
     "require_component",
+    "smtp_sink",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -787,3 +789,86 @@ def app_server(
         server.stop()
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP sink (aiosmtpd)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server on 127.0.0.1 that keeps every message it accepts.
+
+    ``refuse`` set to an SMTP reply (``"451 4.3.0 Try again later"``) makes it refuse DATA, as
+    a relay does when it is overloaded; ``stop()``/``start()`` take it away and bring it back on
+    the same port, as a relay outage does.
+    """
+
+    port: int
+    host: str = LOOPBACK
+    messages: list[Any] = field(default_factory=list)  # email.message.EmailMessage
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    refuse: str | None = None
+    delay: float = 0.0  # seconds spent on each DATA, to make concurrent senders overlap
+    _controller: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        sink = self
+
+        class _Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if sink.refuse:
+                    return sink.refuse
+                if sink.delay:
+                    import asyncio
+
+                    await asyncio.sleep(sink.delay)
+                import email
+                import email.policy
+
+                message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+                sink.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+                sink.messages.append(message)
+                return "250 Message accepted"
+
+        self._controller = Controller(_Handler(), hostname=self.host, port=self.port)
+        self._controller.start()
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def is_running(self) -> bool:
+        return self._controller is not None
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Any]:
+        """Wait until at least ``count`` messages arrived; returns them all."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} mails, got {len(self.messages)}")
+            time.sleep(0.05)
+        return list(self.messages)
+
+
+@contextmanager
+def smtp_sink(port: int | None = None) -> Iterator[SmtpSink]:
+    """Run an :class:`SmtpSink` for the duration of the block (skips without aiosmtpd)."""
+    try:
+        import aiosmtpd  # noqa: F401
+    except ImportError:
+        require_component("aiosmtpd", "the aiosmtpd package is not installed (test extras)")
+    sink = SmtpSink(port=port or free_port())
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()

@@ -4,20 +4,30 @@ One ``DatabaseManager`` per application. Use cases open exactly one transaction 
 :meth:`DatabaseManager.transaction`; on SQLite a writing transaction starts with
 ``BEGIN IMMEDIATE`` so that read-then-write use cases (the audit hash chain, backup-code
 compare-and-swap) never fail half-way with a lock upgrade error under concurrency.
+
+Only ``qpki migrate`` changes a shared schema, and it does so under a database lock (a
+PostgreSQL advisory lock; ``BEGIN IMMEDIATE`` on SQLite) so that two operators upgrading at
+the same moment run one after the other. Serving processes only *compare* the schema with the
+code (:meth:`DatabaseManager.schema_state`), which needs no Alembic.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from qpki.errors import QPKIError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -26,8 +36,74 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
+# Defaults sized for gunicorn's sync workers, which serve one request at a time: a request
+# needs one connection (two at most, briefly), so 2 kept + 3 on demand is plenty, and
+# instances x workers x 5 stays under PostgreSQL's default max_connections=100 for a typical
+# deployment (2 instances x 4 workers x 5 = 40).
+DEFAULT_POOL_SIZE = 2
+DEFAULT_MAX_OVERFLOW = 3
 
-class DatabaseUnavailable(RuntimeError):
+# Key of the session-independent PostgreSQL advisory lock held while migrating ("qPKImigr").
+_MIGRATION_LOCK_ID = 0x71504B496D696772
+
+_REVISION_LINE = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(.+?)\s*$", re.M)
+
+
+@cache
+def _shipped_revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """(every revision in versions/, every revision some other one revises), read as text."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        fields = dict(_REVISION_LINE.findall(path.read_text(encoding="utf-8")))
+        if "revision" not in fields:
+            continue
+        revisions.add(fields["revision"].strip("\"'"))
+        parent = fields.get("down_revision", "None").strip("\"'")
+        if parent != "None":
+            parents.add(parent)
+    return frozenset(revisions), frozenset(parents)
+
+
+def code_head_revision() -> str | None:
+    """The newest migration this code ships, read from the revision files without Alembic.
+
+    Serving processes call this (for the schema check and ``/readyz``); importing Alembic there
+    would cost each gunicorn worker about 11 MB. The chain is linear by house rule, so the head
+    is the one revision that is nobody's ``down_revision``; a test checks it matches Alembic.
+    """
+    revisions, parents = _shipped_revisions()
+    heads = revisions - parents
+    if len(heads) > 1:
+        raise RuntimeError(f"migration chain has several heads: {sorted(heads)}")
+    return next(iter(heads), None)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where the database schema stands relative to this code."""
+
+    current: str | None
+    head: str | None
+    known: bool  # ``current`` is a revision this code ships (False: the schema is newer)
+
+    @property
+    def status(self) -> Literal["current", "empty", "behind", "ahead"]:
+        if self.current == self.head:
+            return "current"
+        if self.current is None:
+            return "empty"
+        return "behind" if self.known else "ahead"
+
+
+def _revision_on(conn: Any) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    value = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return None if value is None else str(value)
+
+
+class DatabaseUnavailable(QPKIError):
     """The database could not be reached or failed mid-transaction; nothing was committed."""
 
 
@@ -51,14 +127,32 @@ def _configure_sqlite(engine: Engine) -> None:
 class DatabaseManager:
     """Owns the engine; hands out transactions; runs migrations."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        max_overflow: int = DEFAULT_MAX_OVERFLOW,
+        connect_timeout: int = 10,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
-            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+            # A connect timeout, so an unreachable server fails a request (503) or a start-up
+            # check in seconds instead of hanging on the operating system's TCP timeout.
+            kwargs.update(
+                pool_pre_ping=True,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_recycle=1800,
+                connect_args={"connect_timeout": connect_timeout},
+            )
+        self.pool_size = pool_size
+        self.max_overflow = max_overflow
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
@@ -104,15 +198,70 @@ class DatabaseManager:
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
         return cfg
 
-    def migrate_database(self, revision: str = "head") -> None:
-        """Create or upgrade the schema to ``revision``; running it again changes nothing."""
+    def migrate_database(self, revision: str = "head") -> str | None:
+        """Create or upgrade the schema to ``revision``; running it again changes nothing.
+
+        Runs in one transaction under the migration lock: a second ``qpki migrate`` started
+        meanwhile waits, then finds the schema current and does nothing. Returns the revision
+        found once the lock was held (what this run started from).
+        """
         from alembic import command
 
         cfg = self._alembic_config()
-        with self.engine.begin() as connection:
+        with self._migration_transaction() as connection:
+            before = _revision_on(connection)
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, revision)
         log.info("database schema at %s", self.current_revision())
+        return before
+
+    def downgrade_database(self, revision: str) -> str | None:
+        """Take the schema back to ``revision`` (a rollback before running older code);
+        returns the revision it started from."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self._migration_transaction() as connection:
+            before = _revision_on(connection)
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, revision)
+        log.info("database schema at %s", self.current_revision())
+        return before
+
+    def revisions(self) -> list[str]:
+        """Every revision this code ships, oldest first."""
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(self._alembic_config())
+        return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+    @contextmanager
+    def _migration_transaction(self) -> Iterator[Any]:
+        if self.is_sqlite:
+            connection = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+            with connection as conn, conn.begin():
+                yield conn
+            return
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                got = conn.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID}
+                ).scalar()
+                if not got:
+                    log.warning("another qpki migrate is running; waiting for it to finish")
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID}
+                    )
+            yield conn
+
+    def schema_state(self) -> SchemaState:
+        """Compare the database's revision with this code's, reading ``alembic_version``
+        directly (no Alembic import, so serving processes can afford it)."""
+        with self.engine.connect() as conn:
+            current = _revision_on(conn)
+        return SchemaState(
+            current=current, head=code_head_revision(), known=current in _shipped_revisions()[0]
+        )
 
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at, or ``None`` for an empty database."""

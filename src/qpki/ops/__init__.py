@@ -1,0 +1,1 @@
+"""Operator use cases: start-up checks, schema gate, backups. The CLI parses and prints."""
