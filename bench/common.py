@@ -8,6 +8,7 @@ copied, so the benchmarks start and stop them exactly like the integration tests
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -451,6 +452,9 @@ def server_env(url: str, data_dir: Path, mfa_key: str) -> dict[str, str]:
         "QPKI_DATABASE_URL": url,
         "QPKI_SECRET_KEY": secrets.token_urlsafe(48),
         "QPKI_MFA_KEY": mfa_key,
+        # A shared database needs every key given explicitly; servers that share the database
+        # share the audit chain, so they must share its key (derived here from the MFA key).
+        "QPKI_AUDIT_KEY": hashlib.sha256(b"bench-audit-key:" + mfa_key.encode()).hexdigest(),
         "QPKI_RATE_LIMITS": "0",
         "QPKI_LOG_LEVEL": "WARNING",
         "QPKI_HTTPS": "0",

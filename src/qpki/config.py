@@ -15,12 +15,15 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from qpki.errors import QPKIError
 
-class ConfigError(RuntimeError):
+
+class ConfigError(QPKIError):
     """A setting is missing or unusable; the message says which and what to do."""
 
 
@@ -155,6 +158,10 @@ class Settings:
     base_url: str = "http://localhost:5000"
     # Deliver queued mail from a background thread in each process (tests drain it by hand).
     mail_worker: bool = True
+    # Passkeys (WebAuthn): the RP ID (a domain) and the exact origins pages are served from.
+    # Neither set: RP ID "localhost" and http://localhost on any port (development only).
+    webauthn_rp_id: str | None = None
+    webauthn_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -197,6 +204,7 @@ class Settings:
             "db_max_overflow": _env_int("QPKI_DB_MAX_OVERFLOW", 3, env, 0),
             "instance_name": env.get("QPKI_INSTANCE_NAME") or socket.gethostname(),
         }
+        values.update(_webauthn_settings(env, https=bool(values["https"])))
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
 
@@ -213,6 +221,56 @@ def _smtp_url(env: Mapping[str, str]) -> str | None:
     except SmtpUrlError as exc:
         raise ConfigError(f"QPKI_SMTP_URL: {exc}") from None
     return raw
+
+
+def _webauthn_settings(env: Mapping[str, str], *, https: bool) -> dict[str, object]:
+    """QPKI_WEBAUTHN_RP_ID and QPKI_WEBAUTHN_ORIGINS, checked at start-up.
+
+    A passkey is bound to its RP ID for good: guessing one in production (from a Host header,
+    which a client chooses) could lock every user out of their keys after a move, so a site
+    served over HTTPS must name it. Each origin must be the RP ID or a subdomain of it, as
+    browsers require.
+    """
+    rp_id = (env.get("QPKI_WEBAUTHN_RP_ID") or "").strip().lower() or None
+    origins = tuple(
+        o.strip().rstrip("/")
+        for o in (env.get("QPKI_WEBAUTHN_ORIGINS") or "").split(",")
+        if o.strip()
+    )
+    if rp_id is None:
+        if https:
+            raise ConfigError(
+                "QPKI_HTTPS=1 needs QPKI_WEBAUTHN_RP_ID: the domain passkeys are bound to, "
+                "e.g. QPKI_WEBAUTHN_RP_ID=qpki.example.org (and QPKI_WEBAUTHN_ORIGINS="
+                "https://qpki.example.org if pages are served from other origins)"
+            )
+        if origins:
+            raise ConfigError("QPKI_WEBAUTHN_ORIGINS needs QPKI_WEBAUTHN_RP_ID as well")
+        return {}
+    if any(ch in rp_id for ch in ":/ ?#@[]"):
+        raise ConfigError(
+            f"QPKI_WEBAUTHN_RP_ID={rp_id!r} must be a bare domain such as qpki.example.org "
+            "(no scheme, port or path)"
+        )
+    for origin in origins:
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        if (
+            parts.scheme not in ("https", "http")
+            or parts.path
+            or parts.query
+            or not (host == rp_id or host.endswith("." + rp_id))
+        ):
+            raise ConfigError(
+                f"QPKI_WEBAUTHN_ORIGINS: {origin!r} must be an origin such as "
+                f"https://{rp_id} on the RP ID {rp_id} or a subdomain of it"
+            )
+        if parts.scheme == "http" and host != "localhost":
+            raise ConfigError(
+                f"QPKI_WEBAUTHN_ORIGINS: {origin!r} — browsers allow passkeys over plain "
+                "http only on localhost; use https://"
+            )
+    return {"webauthn_rp_id": rp_id, "webauthn_origins": origins}
 
 
 def _base_url(env: Mapping[str, str]) -> str:

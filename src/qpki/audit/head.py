@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Protocol
 
 from qpki.audit.chain import ChainHead
-from qpki.config import write_private_file
+from qpki.config import REDIS_TIMEOUT_SECONDS, write_private_file
+from qpki.errors import QPKIError
 
 HEAD_FILE_NAME = ".audit_head"
 REDIS_HEAD_KEY = "qpki:audit:head"
 
 
-class HeadStoreError(RuntimeError):
+class HeadStoreError(QPKIError):
     """The head cannot be read or written; the message names the store."""
 
 
@@ -112,7 +113,13 @@ class RedisHeadStore:
     def __init__(self, url: str, key: str = REDIS_HEAD_KEY) -> None:
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # The same sub-second timeouts as the rate limiter: a frozen Redis must cost a sign-in
+        # little, not five seconds per write.
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
         self._key = key
         self._advance = self._redis.register_script(_ADVANCE_LUA)
         self.description = f"Redis key {key!r}"

@@ -81,9 +81,3 @@ class SecretUnavailable(AuthError):
     def __init__(self) -> None:
         super().__init__(SECRET_UNREADABLE)
 
-
-class StepUpRequired(AuthError):
-    """A sensitive action needs a recent re-authentication (password and second factor)."""
-
-    def __init__(self) -> None:
-        super().__init__("Confirm it is you: enter your password and a current code.")

@@ -42,6 +42,7 @@ from qpki.auth.keys import (
 from qpki.auth.models import MFASetupSession, User
 from qpki.clock import Clock
 from qpki.config import Settings
+from qpki.db.base import affected_rows
 from qpki.db.manager import DatabaseManager, DatabaseUnavailable
 from qpki.errors import QPKIError
 
@@ -325,7 +326,7 @@ def reencrypt_row(
             .values(values)
             .execution_options(synchronize_session=False)
         )
-        if changed.rowcount == 1:  # type: ignore[attr-defined]
+        if affected_rows(changed) == 1:
             return "rewritten", attempt
         # Changed under us: read it again and start over with what is there now.
         cols: list[Any] = [column.column]

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import pyotp
 from cryptography.fernet import InvalidToken, MultiFernet
 
+from qpki.errors import QPKIError
+
 TOTP_DIGITS = 6
 TOTP_PERIOD = 30
 TOTP_WINDOW = 1
@@ -54,7 +56,7 @@ class CodeKind(enum.Enum):
     INVALID = "invalid"
 
 
-class SecretDecryptionError(RuntimeError):
+class SecretDecryptionError(QPKIError):
     """A stored token could not be decrypted: wrong key or tampered data. Never fall back."""
 
 

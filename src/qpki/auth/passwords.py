@@ -21,11 +21,13 @@ from importlib import resources
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from qpki.errors import QPKIError
+
 MIN_LENGTH = 12
 MAX_LENGTH = 256
 
 
-class PasswordPolicyError(ValueError):
+class PasswordPolicyError(QPKIError, ValueError):
     """The chosen password breaks a rule; the message is shown to the user as is."""
 
 

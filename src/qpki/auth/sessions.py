@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import User, UserSession
+from qpki.db.base import affected_rows
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 # Sign-in methods that proved a second factor (a password-only sign-in is not one).
@@ -172,7 +173,7 @@ class SessionStore:
         if keep_token:
             stmt = stmt.where(UserSession.token_hash != token_digest(keep_token))
         result = session.execute(stmt.values(ended_at=now, end_reason=reason))
-        return int(result.rowcount or 0)
+        return affected_rows(result)
 
     def live_for_user(self, session: Session, user_id: int, now: datetime) -> list[UserSession]:
         """The user's live, fully authenticated sessions, most recent first."""

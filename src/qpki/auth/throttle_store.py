@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from qpki.auth.models import LoginThrottle
 from qpki.auth.throttle import ThrottleState, is_hard_locked, next_allowed
+from qpki.db.base import affected_rows
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class AccountThrottle:
             .values(failures=0, next_allowed_at=None, locked_at=None)
             .execution_options(synchronize_session=False)
         )
-        return bool(result.rowcount)
+        return affected_rows(result) > 0
 
     def locked_keys(self, session: Session) -> set[str]:
         return set(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from sqlalchemy import BigInteger, DateTime, Integer, MetaData
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect, Result
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -19,6 +20,12 @@ NAMING = {
 
 # SQLite only auto-increments INTEGER PRIMARY KEY, so big ids use INTEGER there.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def affected_rows(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE changed (``Session.execute`` is typed as returning a
+    plain Result; for DML it is a CursorResult, which carries the count)."""
+    return int(cast("CursorResult[Any]", result).rowcount or 0)
 
 
 def utcnow() -> datetime:

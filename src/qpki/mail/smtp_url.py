@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import unquote, urlsplit
 
+from qpki.errors import QPKIError
 
-class SmtpUrlError(ValueError):
+
+class SmtpUrlError(QPKIError, ValueError):
     """QPKI_SMTP_URL cannot be used; the message says why (and never holds the password)."""
 
 

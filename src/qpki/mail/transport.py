@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Protocol
 
 from qpki.config import write_private_file
+from qpki.errors import QPKIError
 from qpki.mail.render import RenderedMail
 from qpki.mail.smtp_url import SmtpSecurity, SmtpTarget
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
+class DeliveryError(QPKIError):
     """The message could not be handed over; it stays in the outbox and is retried."""
 
 

@@ -8,8 +8,6 @@ user: protected pages then send the browser to the verify page.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from flask import Flask, current_app, flash, g, redirect, request, session, url_for
 from flask_login import LoginManager
 from werkzeug.wrappers import Response
@@ -23,7 +21,7 @@ NEXT_KEY = "next"
 
 
 def auth_manager() -> AuthManager:
-    return current_app.auth_manager  # type: ignore[attr-defined, no-any-return]
+    return current_app.auth_manager  # type: ignore[attr-defined]
 
 
 def audit_trail() -> AuditTrailService:
@@ -56,12 +54,6 @@ def start_session(token: str, next_url: str | None = None) -> None:
     session[SESSION_KEY] = token
     if next_url:
         session[NEXT_KEY] = next_url
-
-
-def mfa_verified_at() -> datetime | None:
-    """When this session passed its login (for step-up freshness)."""
-    row = current_session_row()
-    return row.created_at if row is not None else None
 
 
 def install_login_manager(app: Flask) -> LoginManager:

@@ -22,6 +22,7 @@ from qpki.auth.errors import SecretUnavailable
 from qpki.auth.mfa import BackupCodeEntry, CodeKind, MFAManager, SecretDecryptionError
 from qpki.auth.models import User
 from qpki.auth.services.common import ThrottleGate, audit_own, refusal_for
+from qpki.db.base import affected_rows
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
 
@@ -96,14 +97,19 @@ class CodeChecker:
         *,
         throttle_key: str,
         allow_backup: bool = True,
+        actor_name: str | None = None,
     ) -> CodeOutcome:
-        """One attempt, counted before it is checked; the caller's transaction commits it."""
+        """One attempt, counted before it is checked; the caller's transaction commits it.
+
+        ``actor_name`` names who asked when it was not the user themself (a service key of
+        the JSON API, ``api:<name>``); the user stays the target of the audit records.
+        """
         if not user.two_factor_enabled:
             return CodeOutcome(False, errors.MFA_NOT_ENABLED)
         reservation = self.gate.reserve(s, throttle_key, now, user=user, typed_name=user.username)
         if not reservation.granted:
             refusal = refusal_for(reservation.state, now)
-            self._fail(s, user, now, {"reason": "throttled"})
+            self._fail(s, user, now, {"reason": "throttled"}, actor_name)
             return CodeOutcome(
                 False, refusal.message, retry_at=refusal.retry_at, locked=refusal.locked
             )
@@ -119,30 +125,39 @@ class CodeChecker:
             else:
                 reason, remaining = "invalid", None
         except SecretUnavailable as exc:
-            self._fail(s, user, now, {"reason": "undecryptable", "failures": failures})
+            self._fail(s, user, now, {"reason": "undecryptable", "failures": failures}, actor_name)
             return CodeOutcome(False, exc.message)
         method = kind.value
         if reason != "ok":
             if reason == "replay":
                 log.warning("replayed TOTP code refused for user id=%s", user.id)
-            self._fail(s, user, now, {"reason": reason, "method": method, "failures": failures})
+            self._fail(
+                s, user, now, {"reason": reason, "method": method, "failures": failures}, actor_name
+            )
             # The password was right (or the user is signed in): tell the owner, at most
             # once per window (the Notifier's rule; the throttle row lock keeps it exact).
             self.notifier.security_alert(s, user, Alert.WRONG_SECOND_FACTOR, at=now)
             message = errors.BACKUP_CODE_USED if reason == "already_used" else errors.INVALID_CODE
             return CodeOutcome(False, message, method=method)
         self.gate.store.reset(s, throttle_key)
-        audit_own(
-            self.audit, s, AuditEvent.MFA_VERIFY_SUCCESS, user, at=now, details={"method": method}
+        self._record(
+            s,
+            AuditEvent.MFA_VERIFY_SUCCESS,
+            user,
+            Outcome.SUCCESS,
+            now,
+            {"method": method},
+            actor_name,
         )
         if kind is CodeKind.BACKUP:
-            audit_own(
-                self.audit,
+            self._record(
                 s,
                 AuditEvent.BACKUP_CODE_USED,
                 user,
-                at=now,
-                details={"remaining": remaining},
+                Outcome.SUCCESS,
+                now,
+                {"remaining": remaining},
+                actor_name,
             )
             self.notifier.security_alert(
                 s, user, Alert.BACKUP_CODE_USED, at=now, remaining=remaining
@@ -156,18 +171,47 @@ class CodeChecker:
             )
         return CodeOutcome(True, "Verification successful", method=method)
 
-    def _fail(self, s: Session, user: User, now: datetime, details: dict[str, object]) -> None:
-        audit_own(
-            self.audit,
+    def _fail(
+        self,
+        s: Session,
+        user: User,
+        now: datetime,
+        details: dict[str, object],
+        actor_name: str | None = None,
+    ) -> None:
+        self._record(
+            s, AuditEvent.MFA_VERIFY_FAILURE, user, Outcome.FAILURE, now, details, actor_name
+        )
+
+    def _record(
+        self,
+        s: Session,
+        event: AuditEvent,
+        user: User,
+        outcome: Outcome,
+        now: datetime,
+        details: dict[str, object],
+        actor_name: str | None,
+    ) -> None:
+        """Audit an attempt: by the user themself, or by ``actor_name`` on their behalf."""
+        if actor_name is None:
+            audit_own(self.audit, s, event, user, outcome, at=now, details=details)
+            return
+        self.audit.record(
             s,
-            AuditEvent.MFA_VERIFY_FAILURE,
-            user,
-            Outcome.FAILURE,
-            at=now,
+            event,
+            outcome,
+            actor_id=None,
+            actor_name=actor_name[:64],
+            target_user_id=user.id,
+            target_name=user.username,
             details=details,
+            at=now,
         )
 
     def _check_totp(self, s: Session, user: User, code: str, now: datetime) -> str:
+        if user.totp_secret is None and user.two_factor_enabled:
+            return "invalid"  # security keys only: there is no app whose code could match
         secret = decrypt_secret(self.mfa, user.totp_secret, user.id)
         step = self.mfa.verify_totp(secret, code, at=now)
         if step is None:
@@ -180,7 +224,7 @@ class CodeChecker:
             .values(totp_last_step=step)
             .execution_options(synchronize_session=False)
         )
-        return "ok" if guarded.rowcount == 1 else "replay"
+        return "ok" if affected_rows(guarded) == 1 else "replay"
 
     def _check_backup(
         self, s: Session, user: User, code: str, now: datetime
@@ -202,7 +246,7 @@ class CodeChecker:
                 .values(backup_codes=blob, backup_codes_version=version + 1)
                 .execution_options(synchronize_session=False)
             )
-            if swapped.rowcount == 1:
+            if affected_rows(swapped) == 1:
                 return "ok", sum(1 for e in entries if e.used_at is None)
             s.refresh(user)
         raise RuntimeError("backup code state kept changing under us; giving up")

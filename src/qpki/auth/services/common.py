@@ -102,14 +102,15 @@ class ThrottleGate:
         """Count this attempt before it is checked; audit a lock or back-off it starts."""
         reservation = self.store.reserve(s, key, now)
         state = reservation.state
-        target = {"target_user_id": user.id if user else None, "target_name": typed_name[:64]}
+        target_user_id = user.id if user else None
         if reservation.hard_locked_now and state.failures == HARD_LOCK_FAILURES:
             log.warning("account %r locked after %d failures", typed_name[:64], state.failures)
             self.audit.record(
                 s,
                 AuditEvent.ACCOUNT_LOCKED,
                 Outcome.FAILURE,
-                **target,
+                target_user_id=target_user_id,
+                target_name=typed_name[:64],
                 details={"failures": state.failures},
                 at=now,
             )
@@ -121,7 +122,8 @@ class ThrottleGate:
                 s,
                 AuditEvent.ACCOUNT_THROTTLED,
                 Outcome.FAILURE,
-                **target,
+                target_user_id=target_user_id,
+                target_name=typed_name[:64],
                 details={"failures": state.failures, "retry_at": state.retry_at.isoformat()},
                 at=now,
             )

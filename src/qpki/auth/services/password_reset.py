@@ -26,10 +26,12 @@ from qpki.audit.log import AuditLog
 from qpki.auth.errors import AuthError, NotFound, PermissionDenied, ValidationFailed
 from qpki.auth.models import KnownDevice, User
 from qpki.auth.passwords import PasswordPolicyError, Passwords, check_password_policy
+from qpki.auth.services import remembered_devices
 from qpki.auth.services.factors import admin_denial
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
+from qpki.db.base import affected_rows
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert, LinkMail
 from qpki.mail.models import MailedToken, TokenPurpose
@@ -152,7 +154,7 @@ class _MailedLinks:
             .values(used_at=now)
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return affected_rows(result) == 1
 
     def issued_since(self, s: Session, user_id: int, since: datetime) -> int:
         return int(
@@ -202,7 +204,7 @@ class PasswordResetService:
                 .where(MailedToken.expires_at < cutoff)
                 .execution_options(synchronize_session=False)
             )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        return affected_rows(result)
 
     # -- asking for a link -----------------------------------------------------------------
     def request_reset(self, login: str, *, ip: str = "") -> str:
@@ -391,11 +393,13 @@ class PasswordResetService:
         user.must_change_password = False
         self.links.void(s, user.id, now)
         ended = self.sessions.end_all(s, user.id, "password_reset", now)
-        forgotten = s.execute(
-            delete(KnownDevice)
-            .where(KnownDevice.user_id == user.id)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
+        forgotten = affected_rows(
+            s.execute(
+                delete(KnownDevice)
+                .where(KnownDevice.user_id == user.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
         self.audit.record(
             s,
             AuditEvent.PASSWORD_RESET_COMPLETED,
@@ -404,7 +408,11 @@ class PasswordResetService:
             actor_name=user.username,
             target_user_id=user.id,
             target_name=user.username,
-            details={"sessions_ended": ended, "devices_forgotten": int(forgotten or 0)},
+            details={
+                "sessions_ended": ended,
+                "devices_forgotten": int(forgotten or 0),
+                "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
+            },
             at=now,
         )
         self.notifier.security_alert(

@@ -12,9 +12,11 @@ from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
 from qpki.audit.models import AuditEventRecord
 from qpki.auth.models import LoginThrottle, MFASetupSession, User, UserSession
+from qpki.auth.services import remembered_devices
 from qpki.auth.services.common import actor_fields
 from qpki.auth.sessions import SessionStore
 from qpki.clock import Clock
+from qpki.db.base import affected_rows
 from qpki.db.manager import DatabaseManager
 
 ENDED_SESSIONS_KEPT = timedelta(days=30)
@@ -105,7 +107,12 @@ class SessionService:
                 **actor_fields(user),
                 target_user_id=user_id,
                 target_name=user.username if user else "",
-                details={"sessions_ended": ended, "scope": "all_others"},
+                details={
+                    "sessions_ended": ended,
+                    "scope": "all_others",
+                    # "Sign out everywhere" also forgets every remembered device (§12.6).
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user_id),
+                },
                 at=now,
             )
             return ended
@@ -116,30 +123,32 @@ class SessionService:
         """Delete expired setup sessions, old ended sessions and stale throttle rows."""
         now = now or self.clock()
         with self.db.transaction() as s:
-            setups = s.execute(
-                delete(MFASetupSession).where(MFASetupSession.expires_at <= now)
-            ).rowcount
+            setups = affected_rows(
+                s.execute(delete(MFASetupSession).where(MFASetupSession.expires_at <= now))
+            )
             s.execute(
                 update(UserSession)
                 .where(UserSession.ended_at.is_(None), UserSession.expires_at <= now)
                 .values(ended_at=now, end_reason="expired")
             )
-            sessions = s.execute(
-                delete(UserSession).where(UserSession.ended_at < now - keep)
-            ).rowcount
-            throttles = s.execute(
-                delete(LoginThrottle).where(
-                    LoginThrottle.locked_at.is_(None),
-                    or_(
-                        LoginThrottle.last_failure_at.is_(None),
-                        LoginThrottle.last_failure_at < now - STALE_THROTTLE_AFTER,
-                    ),
+            sessions = affected_rows(
+                s.execute(delete(UserSession).where(UserSession.ended_at < now - keep))
+            )
+            throttles = affected_rows(
+                s.execute(
+                    delete(LoginThrottle).where(
+                        LoginThrottle.locked_at.is_(None),
+                        or_(
+                            LoginThrottle.last_failure_at.is_(None),
+                            LoginThrottle.last_failure_at < now - STALE_THROTTLE_AFTER,
+                        ),
+                    )
                 )
-            ).rowcount
+            )
         return {
-            "setup_sessions": int(setups or 0),
-            "user_sessions": int(sessions or 0),
-            "throttle_rows": int(throttles or 0),
+            "setup_sessions": setups,
+            "user_sessions": sessions,
+            "throttle_rows": throttles,
         }
 
     def record_access_denied(self, user: User, *, required_roles: tuple[str, ...]) -> None:
