@@ -87,6 +87,21 @@ def sign_in(page: Any, username: str, password: str) -> None:
     submit(page, page.get_by_role("button", name="Sign in"))
 
 
+def sign_in_admin(page: Any, live_app: Any) -> None:
+    """The administrator signs in with the password and a code from their app."""
+    sign_in(page, live_app.admin_name, live_app.admin_password)
+    enter_code(page, live_app.admin_code())
+
+
+def start_setup(page: Any, password: str) -> None:
+    """On the setup page, confirm the password and press "Start setup" (a step-up action)."""
+    expect(page.locator("#mfa-setup-start")).to_be_visible()
+    if page.locator("#password").count():
+        page.locator("#password").fill(password)
+    submit(page, page.locator("#mfa-setup-start"))
+    expect(page).to_have_url(re.compile(r"/auth/mfa/setup$"))
+
+
 def enter_code(page: Any, code: str) -> Any:
     expect(page).to_have_url(re.compile(r"/auth/mfa/verify$"))
     page.locator("#code").fill(code)
@@ -136,7 +151,7 @@ def test_journey1_new_user(journey: Any, live_app: Any) -> None:
     admin = j.new_page()
     admin.goto("/auth/login")
     j.step(admin, "admin-sign-in")
-    sign_in(admin, live_app.admin_name, live_app.admin_password)
+    sign_in_admin(admin, live_app)
     expect(admin).to_have_url(HOME)
     j.step(admin, "admin-home")
     submit(admin, admin.get_by_role("navigation", name="Main").get_by_role("link", name="Users"))
@@ -175,6 +190,8 @@ def test_journey1_new_user(journey: Any, live_app: Any) -> None:
     j.step(user, "user-account-security")
     submit(user, user.locator("#enable-2fa"))
     expect(user).to_have_url(re.compile(r"/auth/mfa/setup$"))
+    j.step(user, "user-setup-start")
+    start_setup(user, new_password)
     qr = user.locator("#mfa-qr")
     expect(qr).to_be_visible()
     j.step(user, "user-setup-scan")
@@ -304,7 +321,7 @@ def test_journey3_admin_resets_2fa(journey: Any, live_app: Any) -> None:
     j.step(user, "user-signed-in")
 
     admin = j.new_page()
-    sign_in(admin, live_app.admin_name, live_app.admin_password)
+    sign_in_admin(admin, live_app)
     admin.goto("/admin/users")
     row = admin.locator(f'#users-table tr[data-username="{person.username}"]')
     expect(row.locator(".mfa-status")).to_have_text("Enabled")
@@ -380,6 +397,7 @@ def test_journey4_errors(journey: Any, live_app: Any) -> None:
     sign_in(page, quinn.username, quinn.password)
     page.goto("/auth/profile")
     submit(page, page.locator("#enable-2fa"))
+    start_setup(page, quinn.password)
     expect(page.locator("#mfa-qr")).to_be_visible()
     j.step(page, "setup-started")
     secret = re.sub(r"\s+", "", page.locator("#mfa-secret").inner_text())
@@ -388,7 +406,7 @@ def test_journey4_errors(journey: Any, live_app: Any) -> None:
     submit(page, page.get_by_role("button", name="Verify and enable"))
     expect(page.locator("h1")).to_have_text("Setup session expired")
     j.step(page, "setup-expired")
-    submit(page, page.get_by_role("link", name="Start again"))
+    submit(page, page.get_by_role("button", name="Start again"))
     expect(page.locator("#mfa-qr")).to_be_visible()
     new_secret = re.sub(r"\s+", "", page.locator("#mfa-secret").inner_text())
     assert new_secret != secret
@@ -469,6 +487,7 @@ def test_journey5_behind_tls_proxy(journey: Any, tls_app: Any) -> None:
     # On a secure page the "Copy key" button uses the clipboard API.
     page.goto("/auth/profile")
     submit(page, page.locator("#enable-2fa"))
+    start_setup(page, person.password)
     assert page.evaluate("() => window.isSecureContext")
     page.locator("#copy-secret").click()
     expect(page.locator("#copy-status")).to_have_text("Copied")
