@@ -31,7 +31,14 @@ lint: install-test
 	$(BIN)/ruff check src tests bench app.py
 	$(BIN)/mypy
 
-test: lint
+# axe-core for the browser journeys (pinned by its package-lock.json); without npm the journeys
+# are skipped locally (and fail in CI, which installs it).
+AXE := tests/e2e/axe/node_modules/axe-core/axe.min.js
+$(AXE): tests/e2e/axe/package.json tests/e2e/axe/package-lock.json
+	@if command -v npm >/dev/null; then cd tests/e2e/axe && npm ci --no-audit --no-fund; \
+	else echo "npm not found: the browser journeys will be skipped (apt-get install npm)"; fi
+
+test: lint $(AXE)
 	$(BIN)/python -m pytest
 
 bench: install-test

@@ -532,7 +532,10 @@ class Browser:
         location = resp.headers.get("Location", "")
         if resp.status_code == 302 and "/auth/" not in location:
             return "accepted"
-        if resp.status_code == 200 and "Invalid verification code" in resp.text:
+        if resp.status_code == 200 and (
+            "Invalid verification code" in resp.text  # qpki.auth.errors.INVALID_CODE
+            or "That code was just used" in resp.text  # CODE_JUST_USED: the replay guard
+        ):
             return "refused"
         return f"other:{resp.status_code}"
 

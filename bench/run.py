@@ -13,9 +13,11 @@ the test harness (``tests/harness/services.py``).
     B4  rejecting a throttled sign-in vs one password check               target ≤ 1/20
     B5  admin pages, login, audit verify: small vs large database         ≤ 1.2×, verify 1M < 60 s
     B6  gunicorn worker RSS after warm-up and after B2                    target ≤ 80 MB
+    B7  verification hot path under wrk (web second step, API verify) vs a hello-world
+        Flask ceiling and privacyIDEA's /validate/check   ≥ 10 % / 15 % of ceiling, ≥ 15× peer
 
 ``--quick`` uses fewer repetitions and smaller databases (1k/10k vs 10k/100k) and finishes in
-about a minute; the full run builds 100k users / 1M audit events.
+a few minutes (B7: one round); the full run builds 100k users / 1M audit events.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import b3_login
 import b4_throttle
 import b5_scale
 import b6_memory
+import b7_hot_path
 from common import (
     Context,
     Result,
@@ -55,7 +58,7 @@ from common import (
     write_json,
 )
 
-ALL = ("B1", "B2", "B3", "B4", "B5", "B6")
+ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7")
 
 
 def _guard(name: str, results: list[Result], fn: Callable[[], list[Result]]) -> None:
@@ -119,7 +122,7 @@ def http_suite(ctx: Context, backend: str, wanted: set[str]) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about a minute: fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: fewer repetitions")
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. B1,B4")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--out", type=Path, default=None, help="directory for the JSON result")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["sqlite"]
     try:
         with contextlib.ExitStack() as stack:
-            needs_pg = bool(wanted & {"B2", "B3", "B5", "B6"}) and not args.no_postgres
+            needs_pg = bool(wanted & {"B2", "B3", "B5", "B6", "B7"}) and not args.no_postgres
             if needs_pg and find_pg_bin() is None:
                 ctx.pg_reason = "PostgreSQL server binaries not found (apt-get install postgresql)"
                 print(f"PostgreSQL skipped: {ctx.pg_reason}", flush=True)
@@ -174,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                         results,
                         lambda b=backend: http_suite(ctx, b, wanted),
                     )
+            if "B7" in wanted:
+                ctx.log("B7 hot path under wrk (qPKI web + API, hello-world, privacyIDEA)")
+                _guard("B7", results, lambda: b7_hot_path.run(ctx, backends))
             if "B5" in wanted:
                 ctx.log("B5 scale")
                 b5_backends = backends if not ctx.quick else ["sqlite"]

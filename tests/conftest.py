@@ -79,6 +79,9 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "rate_limits_enabled": False,
             "testing": True,
             "argon2_profile": "fast",
+            # Tests deliver queued mail by hand (tests/mail); no background sender thread
+            # outlives a test's database.
+            "mail_worker": False,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

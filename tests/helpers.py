@@ -149,3 +149,11 @@ def admin_client(
     done = login_with_mfa(client, username, code)
     assert done.status_code == 302, text_of(done)
     return client, admin, secret
+
+
+def optional_2fa_for_admins(app: Flask) -> None:
+    """Lift the fresh-install policy (admins enrol at first sign-in) for a test about
+    something else, as ``qpki policy set admin --no-require-2fa`` does."""
+    from qpki.web.services import services_of
+
+    services_of(app).policy.set_policy("admin", actor=None, actor_name="test", require_2fa=False)

@@ -22,6 +22,7 @@ from qpki.auth.mfa import MFAManager
 from qpki.auth.passwords import Passwords
 from qpki.auth.services import build_services
 from qpki.auth.sessions import SessionPolicy, SessionStore
+from qpki.auth.webauthn import relying_party
 from qpki.clock import Clock, system_clock
 from qpki.config import REDIS_TIMEOUT_SECONDS, Settings, secure_data_dir, secure_sqlite_files
 from qpki.db.manager import DatabaseManager
@@ -179,6 +180,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
         session_policy=policy,
         reauth_window=timedelta(minutes=settings.reauth_minutes),
         setup_lifetime=timedelta(minutes=settings.setup_session_minutes),
+        webauthn_rp=relying_party(
+            settings.webauthn_rp_id, settings.webauthn_origins, name=settings.issuer
+        ),
     )
     register_services(app, services)
     install_mail(app, mail)
@@ -226,6 +230,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(admin_bp)
+    from qpki.api import install_api
+
+    install_api(app)  # /api/v1 (service keys), /metrics, problem-details errors on /api/
+    from qpki.web.policy_gate import install_policy_gate
+
+    install_policy_gate(app)  # role policies: past the grace, only enrolment opens (§12.5)
 
     @app.context_processor
     def _template_globals() -> dict[str, object]:

@@ -20,7 +20,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from qpki.logging_setup import make_formatter
 
 
-class QpkiGunicornLogger(Logger):  # type: ignore[misc]
+class QpkiGunicornLogger(Logger):
     """gunicorn's error and access logs in qPKI's format (JSON lines with QPKI_LOG_JSON=1).
 
     The access line is built from the WSGI environ *after* the application ran, so
@@ -65,7 +65,7 @@ class QpkiGunicornLogger(Logger):  # type: ignore[misc]
         )
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
+class _Gunicorn(BaseApplication):
     def __init__(self, app: Flask, options: dict[str, Any]) -> None:
         self.application = app
         self.options = options
@@ -80,7 +80,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
-class _UnnamedResponse(gunicorn_wsgi.Response):  # type: ignore[misc]
+class _UnnamedResponse(gunicorn_wsgi.Response):
     """gunicorn's HTTP/1 response without its ``Server: gunicorn`` line.
 
     Naming the server software only helps someone matching it to known vulnerabilities.

@@ -168,7 +168,7 @@ def test_totp_code_accepted_on_a_is_refused_on_b(
     assert _location(b.login(bob.username, PASSWORD)).endswith("/auth/mfa/verify")
     replay = b.verify(code)
     assert replay.status_code == 200
-    assert "Invalid verification code" in web.text(replay)
+    assert "That code was just used. Wait for the next code in your app." in web.text(replay)
     assert b.get("/auth/profile").status_code == 302  # still not signed in on B
 
 

@@ -3,12 +3,14 @@
 The app runs as a real subprocess (``python -m qpki run`` through ``harness.services``) on a
 fresh data directory; Debian's Chromium is driven by Playwright (no browser download). Every
 page a journey visits goes through :meth:`Journey.step`, which runs the accessibility checks
-(labels, code-input attributes, heading order, no horizontal scrolling at 375 px) and writes a
-screenshot to ``test-artifacts/screenshots/<journey>/<NN-step>.png`` under the repository root.
+(labels, code-input attributes, heading order, no horizontal scrolling at 375 px, and axe-core's
+rules with zero violations at both 1280 and 375 px) and writes a screenshot to
+``test-artifacts/screenshots/<journey>/<NN-step>.png`` under the repository root.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -36,6 +38,9 @@ from harness.services import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# axe-core from the npm registry, pinned by tests/e2e/axe/package-lock.json (`npm ci` there;
+# .ci/run and `make test` do it).
+AXE_JS = Path(__file__).resolve().parent / "axe" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOT_ROOT = REPO_ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -72,6 +77,8 @@ def browser_tools() -> None:
         require_component("zbarimg", "zbarimg not found (apt-get install zbar-tools)")
     if shutil.which("oathtool") is None:
         require_component("oathtool", "oathtool not found (apt-get install oathtool)")
+    if not AXE_JS.exists():
+        require_component("axe-core", f"{AXE_JS} not found (cd tests/e2e/axe && npm ci)")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -329,22 +336,58 @@ _A11Y_JS = r"""
 
 _SCROLL_WIDTH_JS = "() => document.documentElement.scrollWidth"
 
+# Every violation axe-core finds with its default rules (WCAG 2.x A and AA, best practices).
+_AXE_RUN_JS = """async () => {
+  const result = await axe.run(document, { resultTypes: ['violations'] });
+  return result.violations.map((v) => ({
+    id: v.id, impact: v.impact || '', help: v.help,
+    targets: v.nodes.slice(0, 5).map((n) => n.target.join(' ')),
+  }));
+}"""
+
+
+@functools.cache
+def _axe_source() -> str:
+    return AXE_JS.read_text(encoding="utf-8")
+
+
+def axe_violations(page: Any) -> list[str]:
+    """axe-core's violations on the page as it is now, one line each (rule, impact, where).
+
+    The script goes in through page.evaluate (the DevTools protocol), which the app's CSP does
+    not apply to: the pages are checked with their real CSP, no inline script is allowed in.
+    """
+    if not page.evaluate("() => typeof window.axe === 'object'"):
+        page.evaluate(_axe_source())
+    return [
+        f"axe {v['id']} ({v['impact']}): {v['help']} [{', '.join(v['targets'])}]"
+        for v in page.evaluate(_AXE_RUN_JS)
+    ]
+
+
+def _layout_problems(page: Any, width: int) -> list[str]:
+    """At the current viewport width: sideways scrolling and axe-core's violations."""
+    problems = []
+    scroll = page.evaluate(_SCROLL_WIDTH_JS)
+    if scroll > width:
+        problems.append(f"horizontal scrolling at {width} px: scrollWidth {scroll}")
+    problems += [f"at {width} px: {v}" for v in axe_violations(page)]
+    return problems
+
 
 def accessibility_problems(page: Any) -> list[str]:
-    """What the basic checks find on the current page (empty when it passes)."""
+    """What the checks find on the current page (empty when it passes): the basic checks,
+    then, at both 1280 and 375 px (the page's own width first), no sideways scrolling and no
+    axe-core violation."""
     problems: list[str] = list(page.evaluate(_A11Y_JS))
     viewport = page.viewport_size or DESKTOP
-    width = page.evaluate(_SCROLL_WIDTH_JS)
-    if width > viewport["width"]:
-        problems.append(f"horizontal scrolling at {viewport['width']} px: scrollWidth {width}")
-    if viewport["width"] > PHONE_WIDTH:  # every page is also checked at phone width
-        page.set_viewport_size(PHONE)
-        try:
-            narrow = page.evaluate(_SCROLL_WIDTH_JS)
-        finally:
-            page.set_viewport_size(viewport)
-        if narrow > PHONE_WIDTH:
-            problems.append(f"horizontal scrolling at {PHONE_WIDTH} px: scrollWidth {narrow}")
+    problems += _layout_problems(page, viewport["width"])
+    other = PHONE if viewport["width"] > PHONE_WIDTH else DESKTOP
+    page.set_viewport_size(other)
+    try:
+        problems += _layout_problems(page, other["width"])
+    finally:
+        page.set_viewport_size(viewport)
     return problems
 
 

@@ -70,6 +70,11 @@ def test_a_bad_page_fails_on_each_rule(
         "2 <h1> elements",
         'heading level skipped: h1 "One" then h3 "Skipped a level"',
         "horizontal scrolling at 375 px",
+        # axe-core, at both widths
+        "at 1280 px: axe image-alt (critical)",
+        "at 375 px: axe image-alt (critical)",
+        "at 1280 px: axe label (critical)",
+        "at 1280 px: axe html-has-lang (serious)",
     ]
     missing = [e for e in expected if e not in found]
     assert not missing, f"not reported: {missing}\nreported:\n{found}"

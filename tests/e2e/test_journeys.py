@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 
 PHONE = {"width": 375, "height": 800}
 INVALID_CODE = "Invalid verification code"
+CODE_JUST_USED = "That code was just used. Wait for the next code in your app."
 HOME = re.compile(r"^http://127\.0\.0\.1:\d+/$")
 
 
@@ -84,7 +85,7 @@ def sign_in(page: Any, username: str, password: str) -> None:
     page.goto("/auth/login")
     page.locator("#username").fill(username)
     page.locator("#password").fill(password)
-    submit(page, page.get_by_role("button", name="Sign in"))
+    submit(page, page.get_by_role("button", name="Sign in", exact=True))
 
 
 def sign_in_admin(page: Any, live_app: Any) -> None:
@@ -124,6 +125,26 @@ def tab_to(page: Any, element_id: str, limit: int = 20) -> None:
             return
         page.keyboard.press("Tab")
     raise AssertionError(f"#{element_id} was not reached with {limit} presses of Tab")
+
+
+def focus_ring(page: Any, element_id: str) -> dict[str, str]:
+    """The computed focus indicator of ``#element_id`` while it has keyboard focus."""
+    tab_to(page, element_id, limit=40)
+    return page.evaluate(
+        """(id) => { const s = getComputedStyle(document.getElementById(id));
+           return {outline: s.outlineColor + ' ' + s.outlineStyle + ' ' + s.outlineWidth,
+                   shadow: s.boxShadow}; }""",
+        element_id,
+    )
+
+
+def rows_as_cards(page: Any, selector: str) -> bool:
+    """At phone width: the table's rows are stacked cards (display block), not a table row."""
+    return page.evaluate(
+        """(sel) => { const row = document.querySelector(sel);
+           return !!row && getComputedStyle(row).display === 'block'; }""",
+        selector,
+    )
 
 
 def backup_codes_on_page(page: Any) -> list[str]:
@@ -194,6 +215,13 @@ def test_journey1_new_user(journey: Any, live_app: Any) -> None:
     start_setup(user, new_password)
     qr = user.locator("#mfa-qr")
     expect(qr).to_be_visible()
+    expect(user.locator("#mfa-account-name")).to_have_text("qPKI: nora")
+    expect(user.locator("#setup-expiry")).to_contain_text("This setup expires in 15 minutes.")
+    expect(user.locator(".steps [aria-current=step]")).to_have_count(1)
+    # Buttons' focus ring: yellow with a dark ring outside it (3:1 on any background).
+    ring = focus_ring(user, "copy-secret")
+    assert ring["outline"].startswith("rgb(255, 191, 71) solid"), ring
+    assert "rgb(11, 12, 12)" in ring["shadow"], ring
     j.step(user, "user-setup-scan")
 
     # The phone: a picture of the QR exactly as rendered, decoded from its pixels.
@@ -219,7 +247,11 @@ def test_journey1_new_user(journey: Any, live_app: Any) -> None:
     name, text = download(user, user.locator("#download-codes"))
     assert name.endswith(".txt"), name
     assert [c for c in codes if c in text] == codes, "the downloaded file lacks some codes"
-    assert "nora" in text
+    assert text.startswith("qPKI backup codes\nAccount: nora\nGenerated: "), text
+    assert f"Sign in at: {live_app.url}/auth/login" in text, text
+    expect(user.locator("#codes-generated")).to_contain_text(" UTC")
+    expect(user.locator("#copy-codes")).to_be_visible()  # shown because app.js runs
+    expect(user.locator("#print-codes")).to_be_visible()
 
     submit(user, user.locator("#codes-saved"))
     expect(user).to_have_url(re.compile(r"/auth/profile$"))
@@ -287,7 +319,7 @@ def test_journey2_lost_phone(journey: Any, live_app: Any) -> None:
 
     page.once("dialog", accept)
     submit(page, page.get_by_role("button", name="Regenerate backup codes"))
-    assert dialogs and "stop working" in dialogs[0], dialogs
+    assert not dialogs, f"a pop-up repeated what the page says: {dialogs}"
     new_codes = backup_codes_on_page(page)
     assert not set(new_codes) & set(person.codes)
     j.step(page, "new-backup-codes")
@@ -342,7 +374,7 @@ def test_journey3_admin_resets_2fa(journey: Any, live_app: Any) -> None:
 
     admin.on("dialog", accept)
     submit(admin, form.get_by_role("button", name="Disable 2FA"))
-    assert dialogs and person.username in dialogs[0], dialogs
+    assert not dialogs, f"a pop-up repeated what the page says: {dialogs}"
     expect(admin.locator(".flash.success")).to_contain_text("sessions have ended")
     expect(admin.locator("#mfa-status")).to_have_text("Disabled")
     j.step(admin, "admin-2fa-reset")
@@ -362,6 +394,12 @@ def test_journey3_admin_resets_2fa(journey: Any, live_app: Any) -> None:
     expect(event).to_contain_text(person.username)
     expect(event).to_contain_text(live_app.admin_name)
     expect(event).to_contain_text(reason)
+    expect(event.locator("td").nth(1)).to_have_text("2FA admin disabled")
+    expect(event.locator(".kv dt").first).to_have_text("reason")
+    expect(admin.locator("#audit-count")).to_contain_text(re.compile(r"^\d[\d,]* events"))
+    admin.set_viewport_size(PHONE)
+    j.check(admin, rows_as_cards(admin, "#audit-table tbody tr"), "audit rows are not cards")
+    admin.set_viewport_size({"width": 1280, "height": 800})
     j.step(admin, "admin-audit-log")
     admin.locator("#event").select_option("mfa_admin_disabled")
     submit(admin, admin.get_by_role("button", name="Filter"))
@@ -382,6 +420,12 @@ def test_journey3_admin_resets_2fa(journey: Any, live_app: Any) -> None:
     sign_in(user, person.username, person.password)
     expect(user).to_have_url(HOME)
     expect(user.locator("#mfa-nudge-title")).to_be_visible()
+    expect(user.locator("#mfa-reset-notice")).to_have_text(
+        re.compile(
+            r"^An administrator turned off two-factor authentication for your account on "
+            r"\d{1,2} [A-Z][a-z]+ \d{4}\. Set it up again\.$"
+        )
+    )
     j.step(user, "user-signed-in-without-2fa")
     j.finish()
 
@@ -439,6 +483,19 @@ def test_journey4_errors(journey: Any, live_app: Any) -> None:
     j.step(page, "backup-code-already-used")
     sign_out(page)
 
+    # A code used twice within its 30 seconds: the page says to wait for the next one.
+    tina = live_app.create_user("tina", mfa=True)
+    code = next_step_code(tina.secret)
+    sign_in(page, tina.username, tina.password)
+    enter_code(page, code)
+    expect(page).to_have_url(HOME)
+    sign_out(page)
+    sign_in(page, tina.username, tina.password)
+    enter_code(page, code)
+    expect(page.locator("main")).to_contain_text(CODE_JUST_USED)
+    j.step(page, "code-just-used")
+    sign_out(page)
+
     # Throttling: after five wrong codes even the right one must wait, and the page says how long.
     sam = live_app.create_user("sam", mfa=True)
     sign_in(page, sam.username, sam.password)
@@ -452,6 +509,12 @@ def test_journey4_errors(journey: Any, live_app: Any) -> None:
     expect(page.locator(".flash.error")).to_contain_text(
         re.compile(r"Too many failed attempts\. Try again in \d+ seconds\.")
     )
+    # The wait counts down on screen (app.js), quietly for screen readers.
+    counter = page.locator(".flash.error .countdown")
+    expect(counter).to_have_attribute("aria-live", "off")
+    first = counter.inner_text()
+    expect(counter).not_to_have_text(first, timeout=5_000)
+    assert re.fullmatch(r"in \d+ seconds?\.|now\.", counter.inner_text()), counter.inner_text()
     j.step(page, "throttled")
     j.finish()
 

@@ -133,7 +133,7 @@ def test_journey_forgot_password_by_mail(
     # The new password works, and the second factor is still asked for.
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(NEW_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     expect(page).to_have_url(re.compile(r"/auth/mfa/verify$"))
     j.step(page, "second-factor-still-asked")
     code = pyotp.TOTP(secret).at(datetime.now(UTC) + timedelta(seconds=30))

@@ -12,8 +12,8 @@ from helpers import PASSWORD, oathtool_code
 from qpki.app import create_app
 from qpki.audit.models import AuditEventRecord
 from qpki.cli import main
-from qpki.db.manager import DatabaseManager
 from qpki.config import Settings
+from qpki.db.manager import DatabaseManager
 
 
 @pytest.fixture

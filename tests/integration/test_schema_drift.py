@@ -27,7 +27,7 @@ from qpki.db.manager import DatabaseManager
 MODEL_MODULES = sorted(
     m.name
     for m in pkgutil.walk_packages(qpki.__path__, "qpki.")
-    if m.name.rsplit(".", 1)[-1] == "models"
+    if m.name.rsplit(".", 1)[-1].endswith("models")  # models, webauthn_models, ...
 )
 for _name in MODEL_MODULES:
     importlib.import_module(_name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -36,7 +36,7 @@ def _burst(count: int, attempt: Callable[[], object]) -> list[object]:
         barrier.wait()
         try:
             outcome: object = attempt()
-        except Exception as exc:  # noqa: BLE001 - the exception is the outcome under test
+        except Exception as exc:
             outcome = exc
         with lock:
             results.append(outcome)
@@ -67,7 +67,8 @@ def test_simultaneous_wrong_passwords_check_only_the_free_allowance(any_app: Fla
     create_user(any_app, "victim")
     now = utcnow()
     results = _burst(
-        BURST, lambda: any_app.auth_manager.authenticate("victim", "wrong password!!", now=now)  # type: ignore[attr-defined]
+        BURST,
+        lambda: any_app.auth_manager.authenticate("victim", "wrong password!!", now=now),  # type: ignore[attr-defined]
     )
     assert all(isinstance(r, InvalidCredentials | AccountThrottled) for r in results), results
     assert _checked_passwords(any_app) == FREE_FAILURES
@@ -112,7 +113,9 @@ def test_two_backup_codes_on_one_pending_sign_in_spend_one(any_app: Flask) -> No
         pair = iter([codes.pop(), codes.pop()])
         lock = threading.Lock()
 
-        def attempt(token: str = pending) -> object:
+        def attempt(
+            token: str = pending, pair: Iterator[str] = pair, lock: threading.Lock = lock
+        ) -> object:
             with lock:
                 code = next(pair)
             return manager.complete_mfa_login(token, code)
@@ -171,7 +174,9 @@ def test_wrong_passwords_from_two_processes_keep_the_budget(
     create_user(app, "victim")
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_process_guesses, args=(settings, start, out, 15)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_process_guesses, args=(settings, start, out, 15)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     start.set()

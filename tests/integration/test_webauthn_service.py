@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+import pyotp
 import pytest
 from flask import Flask
 from sqlalchemy import func, select
@@ -493,13 +494,12 @@ def test_renaming(app: Flask) -> None:
 
 # -- two instances ------------------------------------------------------------------------------
 @pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_a_ceremony_begun_on_one_instance_finishes_on_another(
-    make_app: Callable[..., Flask], request: pytest.FixtureRequest, clock: SteppedClock
+    make_app: Callable[..., Flask], db_url: str, clock: SteppedClock
 ) -> None:
     """Two apps on one PostgreSQL database: challenges live in the database, not a process."""
-    from conftest import _fresh_postgres_url
-
-    url = _fresh_postgres_url(request)
+    url = db_url
     one, two = make_app(url, clock=clock), make_app(url, clock=clock)
     user = create_user(one, "tess")
     key = SoftKey()
@@ -546,3 +546,25 @@ def test_cli_mfa_status_lists_keys(
     assert "2FA enabled" in result.output and "authenticator app: no" in result.output
     assert "security keys: 1" in result.output
     assert re.search(r"Phone passkey: added .* last used never, synced passkey", result.output)
+
+
+def test_a_key_role_member_confirms_step_up_with_the_key_not_an_app_code(
+    app: Flask, clock: SteppedClock
+) -> None:
+    """§12.5: where the role requires a phishing-resistant factor, an app code is refused at
+    step-up too, not only at sign-in (the key is the only second factor that counts)."""
+    user = create_user(app, "kim")
+    token = fresh_session(app, user)
+    register(app, token, SoftKey())
+    setup = svc(app).factors.start_setup(user.id)
+    outcome = svc(app).factors.confirm_setup(
+        user.id, pyotp.TOTP(setup.secret).at(clock()), keep_session_token=token
+    )
+    assert outcome.success
+    svc(app).policy.set_policy("viewer", actor=None, require_phishing_resistant=True)
+    clock.advance(minutes=30)
+    code = pyotp.TOTP(setup.secret).at(clock())
+    refused = svc(app).step_up.reauthenticate(token, PASSWORD, code, always_ask_code=True)
+    assert not refused.success and "security key" in refused.message
+    svc(app).policy.set_policy("viewer", actor=None, require_phishing_resistant=False)
+    assert svc(app).step_up.reauthenticate(token, PASSWORD, code, always_ask_code=True).success

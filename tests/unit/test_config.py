@@ -87,6 +87,7 @@ def test_database_url_and_other_settings_from_env(data_dir: Path) -> None:
             "QPKI_ISSUER": "Example",
             "QPKI_MFA_KEY": "abc",
             "QPKI_HTTPS": "1",
+            "QPKI_WEBAUTHN_RP_ID": "qpki.example.org",
             "QPKI_PROXY_FIX": "2",
             "QPKI_SESSION_IDLE_MINUTES": "15",
             "QPKI_LOG_LEVEL": "debug",
@@ -125,7 +126,9 @@ def test_explicit_env_ignores_process_environment(data_dir: Path, monkeypatch) -
      ("False", False), ("", False)],
 )  # fmt: skip
 def test_booleans(data_dir: Path, raw: str, expected: bool) -> None:
-    settings = Settings.from_env({"QPKI_DATA_DIR": str(data_dir), "QPKI_HTTPS": raw})
+    settings = Settings.from_env(
+        {"QPKI_DATA_DIR": str(data_dir), "QPKI_HTTPS": raw, "QPKI_WEBAUTHN_RP_ID": "localhost"}
+    )
     assert settings.https is expected
 
 

@@ -40,6 +40,7 @@ def test_every_checklist_item_of_sections_1_to_8_is_listed() -> None:
         | {f"6.{i}" for i in range(1, 7)}
         | {f"7.{i}" for i in range(1, 5)}
         | {f"8.{i}" for i in range(1, 5)}
+        | {f"9.{i}" for i in range(1, 4)}
     )
     assert items == expected
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from flask import Flask
 
-from helpers import create_user, login, page
+from helpers import create_user, login, optional_2fa_for_admins, page
 
 
 def test_users_list_pages_by_username(app: Flask) -> None:
+    optional_2fa_for_admins(app)
     create_user(app, "admin", "admin")
     for i in range(55):
         create_user(app, f"user{i:03d}")

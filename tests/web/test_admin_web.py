@@ -48,6 +48,14 @@ ADMIN_ROUTES: list[tuple[str, str]] = [
     ("POST", "/admin/users/<int:user_id>/mfa/disable"),
     ("GET", "/admin/audit"),
     ("GET", "/admin/audit.csv"),
+    ("GET", "/admin/api-keys"),
+    ("POST", "/admin/api-keys"),
+    ("POST", "/admin/api-keys/<name>/revoke"),
+    ("GET", "/admin/policy"),
+    ("POST", "/admin/policy/<role>"),
+    ("GET", "/admin/policy/compliance.csv"),
+    ("POST", "/admin/users/<int:user_id>/remembered-devices/forget"),
+    ("POST", "/admin/users/<int:user_id>/webauthn/<int:key_id>/remove"),
 ]
 
 # Form data an admin would send, so that the admin's request succeeds (200 or 302).
@@ -59,6 +67,7 @@ ROUTE_DATA: dict[str, dict[str, str]] = {
         "password": NEW_PASSWORD,
     },
     "/admin/users/<int:user_id>/role": {"role": "operator"},
+    "/admin/api-keys": {"name": "from-admin-test", "scopes": "verify"},
     "/admin/users/<int:user_id>/mfa/disable": {
         "reason": "lost phone, identity checked",
         "confirm": "y",
@@ -138,7 +147,7 @@ def cast(app: Flask) -> Cast:
 
 
 def _call(client: FlaskClient, method: str, rule: str, user_id: int) -> TestResponse:
-    url = rule.replace("<int:user_id>", str(user_id))
+    url = rule.replace("<int:user_id>", str(user_id)).replace("<int:key_id>", "1")
     if method == "GET":
         return client.get(url)
     return client.post(url, data=ROUTE_DATA.get(rule, {}))
@@ -181,10 +190,19 @@ def test_every_admin_route_checks_the_role(cast: Cast, method: str, rule: str) -
     assert allowed.status_code in (200, 302), (allowed.status_code, main_text(allowed)[:300])
     if allowed.status_code == 302:
         assert location_path(allowed) not in ("/auth/login", "/auth/mfa/verify")
-    # Unlocking an unlocked account and mailing a reset link change no user column.
+    # Unlocking an unlocked account and mailing a reset link change no user column; API keys
+    # are no users (their effect is tested in tests/api/test_api_keys.py).
     unchanging = {
         "/admin/users/<int:user_id>/unlock",
         "/admin/users/<int:user_id>/password-reset-link",
+        "/admin/api-keys",
+        "/admin/api-keys/<name>/revoke",
+        # Policies and remembered devices change no user column (tests/web/test_policy_web.py,
+        # tests/web/test_remembered_devices.py test their effect).
+        "/admin/policy/<role>",
+        "/admin/users/<int:user_id>/remembered-devices/forget",
+        # Removing one security key changes no user column (tests/web/test_webauthn_web.py).
+        "/admin/users/<int:user_id>/webauthn/<int:key_id>/remove",
     }
     if method == "POST" and rule not in unchanging:
         changed = snapshot(app, target.id) != before or user_count(app) != users_before
@@ -275,8 +293,12 @@ def test_admin_edits_a_role(cast: Cast) -> None:
     bad = admin.post(f"/admin/users/{target.id}/role", data={"role": "superuser"})
     assert bad.status_code == 302
     assert user_row(app, target.id).role == "admin"
-    # The promoted user now reaches the admin pages.
-    assert logged_in(app, "tina").get("/admin/users").status_code == 200
+    # The promoted user now reaches the admin pages, after enrolling in 2FA (the admin role
+    # requires it from the first sign-in).
+    tina = logged_in(app, "tina")
+    assert location_path(tina.get("/admin/users")) == "/auth/mfa/setup"
+    enroll(tina)
+    assert tina.get("/admin/users").status_code == 200
 
 
 def test_deactivate_ends_sessions_and_reactivate_restores_login(cast: Cast) -> None:

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
-from helpers import create_user, login, page
+from helpers import create_user, login, optional_2fa_for_admins, page
 from qpki.audit.events import AuditEvent
 from qpki.auth.services.audit_trail import EXPORT_BATCH, AuditFilters, AuditTrailService
 from qpki.clock import system_clock
@@ -30,6 +30,7 @@ MESSAGES = ("must be an event id", "must be between 1970-01-01 and 2999-12-31", 
 
 @pytest.fixture
 def admin(app: Flask) -> FlaskClient:
+    optional_2fa_for_admins(app)
     create_user(app, "root-admin", role="admin")
     client = app.test_client()
     assert login(client, "root-admin").status_code == 302
@@ -65,7 +66,7 @@ def test_largest_valid_values_answer_200(admin: FlaskClient) -> None:
 
 def test_csv_is_streamed_in_batches_and_complete(app: Flask, admin: FlaskClient) -> None:
     total_events = EXPORT_BATCH + 150
-    _add_events(app, total_events - 2)  # + user_created and login_success
+    _add_events(app, total_events - 3)  # + policy_changed, user_created and login_success
     response = admin.get("/admin/audit.csv", buffered=False)
     assert response.status_code == 200 and response.is_streamed
     chunks = list(response.response)  # type: ignore[arg-type]

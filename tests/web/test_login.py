@@ -10,7 +10,16 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from helpers import PASSWORD, create_user, location_target, login, main_text, page, text_of
+from helpers import (
+    PASSWORD,
+    create_user,
+    location_target,
+    login,
+    main_text,
+    optional_2fa_for_admins,
+    page,
+    text_of,
+)
 
 NEW_PASSWORD = "another quite long passphrase"
 
@@ -162,6 +171,7 @@ def test_logout_ends_the_session_on_the_server(app: Flask, client: FlaskClient) 
 
 # -- temporary password: forced change ------------------------------------------------------------
 def test_temporary_password_forces_a_change_on_every_page(app: Flask, client: FlaskClient) -> None:
+    optional_2fa_for_admins(app)  # (enrolment after the change: tests/web/test_policy_web.py)
     user = create_user(app, "alice", role="admin")
     temporary = app.auth_manager.admin_reset_password(None, user.id)  # type: ignore[attr-defined]
     assert login(client, "alice", PASSWORD).status_code != 302  # the old password is gone

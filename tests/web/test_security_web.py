@@ -20,6 +20,7 @@ from helpers import (
     login,
     main_text,
     next_step_code,
+    optional_2fa_for_admins,
     page,
 )
 from qpki.auth.models import UserSession
@@ -149,6 +150,7 @@ def test_admin_2fa_reset_without_csrf_token_is_refused(csrf_app: Flask) -> None:
 
 
 def test_every_post_form_carries_a_csrf_token(csrf_app: Flask) -> None:
+    optional_2fa_for_admins(csrf_app)
     create_user(csrf_app, "root-admin", role="admin")
     target = create_user(csrf_app, "tina")
     enable_mfa(csrf_app, target.id)
@@ -233,6 +235,7 @@ USER_PATHS = ["/", "/auth/profile", "/auth/mfa/setup", "/admin/users", "/admin/a
 
 
 def test_security_headers_on_every_page(app: Flask, client: FlaskClient) -> None:
+    optional_2fa_for_admins(app)
     create_user(app, "root-admin", role="admin")
     for path in ANON_PATHS:
         _check_headers(client.get(path), f"anonymous {path}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import (
     Blueprint,
-    Response,
+    current_app,
     flash,
     redirect,
     render_template,
@@ -13,16 +13,22 @@ from flask import (
     url_for,
 )
 from flask_login import current_user
+from werkzeug.wrappers import Response
 
 from qpki.admin.forms import ActionForm, CreateUserForm, ResetMFAForm, RoleForm
+from qpki.admin.policy_forms import PolicyForm
+from qpki.api.auth import api_keys_of
+from qpki.api.forms import CreateApiKeyForm
 from qpki.audit.events import AuditEvent
-from qpki.auth.errors import AuthError
+from qpki.auth.errors import AuthError, ValidationFailed
+from qpki.auth.policy import ComplianceState
 from qpki.auth.services.audit_trail import (
     AuditFilters,
     AuditTrailPage,
     InvalidAuditFilter,
     parse_before,
 )
+from qpki.auth.services.policy import ROLES
 from qpki.mail.setup import mail_components
 from qpki.web.authz import role_required
 from qpki.web.client import client
@@ -44,12 +50,20 @@ def users() -> Page:
     mfa = {"enabled": True, "disabled": False}.get(mfa_filter)
     search = request.args.get("q", "")[:64]
     after = request.args.get("after", "")[:64] or None
-    rows = auth_manager().list_users(mfa=mfa, search=search, after=after, limit=PAGE_SIZE + 1)
+    compliance = request.args.get("compliance", "")
+    state = _compliance_state(compliance)
+    where = services().policy.state_clause(state) if state is not None else None
+    rows = auth_manager().list_users(
+        mfa=mfa, search=search, after=after, limit=PAGE_SIZE + 1, where=where
+    )
     next_after = rows[PAGE_SIZE - 1].user.username_key if len(rows) > PAGE_SIZE else None
     return render_template(
         "admin/users.html",
+        keys=services().webauthn.keys_of_users([r.user.id for r in rows[:PAGE_SIZE]]),
         rows=rows[:PAGE_SIZE],
         mfa_filter=mfa_filter,
+        compliance_filter=compliance if state is not None else "",
+        compliance_states=COMPLIANCE_LABELS,
         search=search,
         next_after=next_after,
         paged=after is not None,
@@ -77,6 +91,12 @@ def create_user() -> Page:
                 actor=current_user,
                 must_change_password=temporary is not None,
             )
+        except ValidationFailed as exc:
+            # Every mistake at once, each next to its field; the rest as one message.
+            for name, message in exc.fields.items():
+                getattr(form, name).errors.append(message)
+            if not exc.fields:
+                flash(exc.message, "error")
         except AuthError as exc:
             flash(exc.message, "error")
         else:
@@ -106,6 +126,9 @@ def _user_page(user_id: int, status: int = 200) -> Page:
         action_form=ActionForm(),
         events=auth_manager().recent_security_events(user.id, limit=20),
         cannot_act=services().step_up.admin_may_act(current_user),
+        remembered=services().remembered_devices.list_for_user(user.id),
+        keys=services().webauthn.keys_of(user.id),
+        standing=services().policy.standing(user),
     ), status
 
 
@@ -222,6 +245,27 @@ def disable_mfa(user_id: int) -> Page:
     return redirect(url_for("admin.user_detail", user_id=user_id))
 
 
+def _user_page_of_key(user_id: int, key_id: int) -> str:
+    return _user_page_url(user_id)
+
+
+@bp.post("/users/<int:user_id>/webauthn/<int:key_id>/remove")
+@admin_only
+@admin_action(_user_page_of_key)
+def remove_security_key(user_id: int, key_id: int) -> Response:
+    """Remove one named security key of a user (a lost key); audited and mailed."""
+    if ActionForm().validate_on_submit():
+        try:
+            removed = services().webauthn.admin_remove(current_user, user_id, key_id)
+        except AuthError as exc:
+            flash(exc.message, "error")
+        else:
+            flash(f"Security key “{removed.name}” was removed.", "success")
+            if removed.two_factor_off:
+                flash("It was the user's last second factor: 2FA is now off for them.", "warning")
+    return redirect(url_for("admin.user_detail", user_id=user_id))
+
+
 # -- audit trail -----------------------------------------------------------------------------------
 def _audit_query() -> tuple[AuditFilters, int | None]:
     """The filters and cursor of this request; InvalidAuditFilter when one is out of range."""
@@ -255,3 +299,167 @@ def audit_csv() -> Response:
         mimetype="text/csv",
         headers={"Content-Disposition": "attachment; filename=qpki-audit.csv"},
     )
+
+
+# -- API service keys ------------------------------------------------------------------------------
+def _api_keys_url(**_kwargs: object) -> str:
+    return url_for("admin.api_keys")
+
+
+def _api_keys_page(form: CreateApiKeyForm | None = None, status: int = 200) -> Page:
+    return render_template(
+        "admin/api_keys.html",
+        form=form or CreateApiKeyForm(),
+        keys=api_keys_of(current_app).list_keys(),
+        now=services().clock(),
+    ), status
+
+
+@bp.get("/api-keys")
+@admin_only
+def api_keys() -> Page:
+    return _api_keys_page()
+
+
+@bp.post("/api-keys")
+@admin_only
+@admin_action(_api_keys_url)
+def create_api_key() -> Page:
+    form = CreateApiKeyForm()
+    if not form.validate_on_submit():
+        flash(" ".join(e for errors in form.errors.values() for e in errors), "error")
+        return _api_keys_page(form, 400)
+    try:
+        created = api_keys_of(current_app).create(
+            form.name.data or "",
+            form.scopes.data or [],
+            expires_days=form.expires_days.data,
+            actor=current_user,
+        )
+    except AuthError as exc:
+        flash(exc.message, "error")
+        return _api_keys_page(form, 400)
+    return render_template("admin/api_key_created.html", key=created.info, secret=created.secret)
+
+
+@bp.post("/api-keys/<name>/revoke")
+@admin_only
+@admin_action(_api_keys_url)
+def revoke_api_key(name: str) -> Response:
+    if ActionForm().validate_on_submit():
+        _run(
+            f"API key {name!r} revoked.",
+            lambda: api_keys_of(current_app).revoke(name, actor=current_user),
+        )
+    return redirect(url_for("admin.api_keys"))
+
+
+# -- role policies and compliance ------------------------------------------------------------------
+COMPLIANCE_LABELS: dict[str, str] = {
+    ComplianceState.COMPLIANT.value: "Compliant",
+    ComplianceState.IN_GRACE.value: "In grace",
+    ComplianceState.WAITING.value: "Grace not started",
+    ComplianceState.OVERDUE.value: "Overdue",
+    ComplianceState.NOT_REQUIRED.value: "Not required",
+}
+
+
+def _compliance_state(value: str) -> ComplianceState | None:
+    try:
+        return ComplianceState(value) if value else None
+    except ValueError:
+        return None
+
+
+def _policy_url(**_kwargs: object) -> str:
+    return url_for("admin.policy")
+
+
+def _policy_forms(failed: tuple[str, PolicyForm] | None = None) -> dict[str, PolicyForm]:
+    """One form per role, filled from its policy; a form that failed keeps what was typed."""
+    forms: dict[str, PolicyForm] = {}
+    for p in services().policy.policies():
+        if failed is not None and failed[0] == p.role:
+            forms[p.role] = failed[1]
+            continue
+        forms[p.role] = PolicyForm(
+            prefix=p.role,
+            formdata=None,
+            require_2fa=p.require_2fa,
+            grace_hours=p.grace_hours,
+            require_phishing_resistant=p.require_phishing_resistant,
+            new_device_2fa=p.new_device_2fa,
+            remember_days=p.remember_days,
+        )
+    return forms
+
+
+def _policy_page(failed: tuple[str, PolicyForm] | None = None, status: int = 200) -> Page:
+    svc = services()
+    return render_template(
+        "admin/policy.html",
+        forms=_policy_forms(failed),
+        policies={p.role: p for p in svc.policy.policies()},
+        compliance=svc.policy.compliance(),
+        labels=COMPLIANCE_LABELS,
+        cannot_act=svc.step_up.admin_may_act(current_user),
+    ), status
+
+
+@bp.get("/policy")
+@admin_only
+def policy() -> Page:
+    return _policy_page()
+
+
+@bp.post("/policy/<role>")
+@admin_only
+@admin_action(_policy_url)
+def set_policy(role: str) -> Page:
+    if role not in ROLES:
+        flash("There is no such role.", "error")
+        return redirect(url_for("admin.policy"))
+    form = PolicyForm(prefix=role)
+    if not form.validate_on_submit():
+        flash(" ".join(e for errors in form.errors.values() for e in errors), "error")
+        return _policy_page((role, form), 400)
+    try:
+        services().policy.set_policy(
+            role,
+            actor=current_user,
+            require_2fa=bool(form.require_2fa.data),
+            grace_hours=form.grace_hours.data,
+            require_phishing_resistant=bool(form.require_phishing_resistant.data),
+            new_device_2fa=bool(form.new_device_2fa.data),
+            remember_days=form.remember_days.data,
+        )
+    except AuthError as exc:
+        flash(exc.message, "error")
+        return _policy_page((role, form), 400)
+    flash(f"The {role} policy was saved.", "success")
+    return redirect(url_for("admin.policy"))
+
+
+@bp.get("/policy/compliance.csv")
+@admin_only
+def compliance_csv() -> Response:
+    return Response(
+        stream_with_context(services().policy.compliance_csv()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": "attachment; filename=qpki-compliance.csv"},
+    )
+
+
+@bp.post("/users/<int:user_id>/remembered-devices/forget")
+@admin_only
+@admin_action(_user_page_url)
+def forget_remembered_devices(user_id: int) -> Response:
+    """Revoke every remembered device of a user (or one, with ``device_id``)."""
+    if ActionForm().validate_on_submit():
+        device = request.form.get("device_id", "")
+        device_id = int(device) if device.isdigit() and len(device) < 19 else None
+        _run(
+            "Remembered devices revoked; the user will be asked for a code again.",
+            lambda: services().remembered_devices.forget(current_user, user_id, device_id),
+        )
+    return redirect(url_for("admin.user_detail", user_id=user_id))

@@ -43,6 +43,24 @@ class AuditEvent(enum.StrEnum):
     EMAIL_CHANGE_REQUESTED = "email_change_requested"  # a confirmation mailed to the new address
     EMAIL_CHANGED = "email_changed"
     EMAIL_CHANGE_REJECTED = "email_change_rejected"
+    # Passkeys and security keys (qpki.auth.services.webauthn). Sign-in and step-up with a
+    # key are recorded as LOGIN_*, MFA_VERIFY_* and REAUTH* events with method "webauthn".
+    WEBAUTHN_REGISTERED = "webauthn_registered"
+    WEBAUTHN_REGISTRATION_FAILURE = "webauthn_registration_failure"
+    WEBAUTHN_RENAMED = "webauthn_renamed"
+    WEBAUTHN_REMOVED = "webauthn_removed"
+    WEBAUTHN_ADMIN_REMOVED = "webauthn_admin_removed"
+    WEBAUTHN_CLONE_SUSPECTED = "webauthn_clone_suspected"  # a counter that did not increase
+    # Service keys of the JSON API (qpki.auth.services.api_keys)
+    API_KEY_CREATED = "api_key_created"
+    API_KEY_REVOKED = "api_key_revoked"
+    # Policies and remembered devices (qpki.auth.services.policy, .remembered_devices)
+    POLICY_CHANGED = "policy_changed"
+    POLICY_GRACE_STARTED = "policy_grace_started"
+    NEW_DEVICE_SIGN_IN = "new_device_sign_in"
+    REMEMBERED_DEVICE_ADDED = "remembered_device_added"
+    REMEMBERED_DEVICE_REVOKED = "remembered_device_revoked"
+    REMEMBERED_DEVICE_REUSED = "remembered_device_reused"  # a stale token: theft signal
 
 
 class Outcome(enum.StrEnum):

@@ -6,7 +6,10 @@ was, so ``qpki audit verify`` can say how many events are missing.
 
 - :class:`FileHeadStore` (default): ``<data dir>/.audit_head``, 0600, next to the audit key.
   Right for one machine (any number of workers: updates are serialised with ``flock`` and the
-  head only ever moves forward).
+  head only ever moves forward). It is rewritten after every commit that adds events, so
+  that write is on the hot path of every sign-in: it overwrites the file in place (one
+  ``pwrite`` of a fixed-size record) without ``fsync``, instead of a new file, an ``fsync``,
+  a rename and a directory ``fsync`` each time (measured: 12 ms of a 44 ms second step).
 - :class:`RedisHeadStore` (when ``QPKI_REDIS_URL`` is set): one head shared by every instance,
   moved forward atomically by a Lua script.
 """
@@ -50,8 +53,22 @@ class HeadStore(Protocol):
         ...
 
 
+# The head file's size when advance() writes it: the JSON (about 170 bytes) padded with
+# spaces, which JSON parsers ignore, so every write covers the whole file at offset 0.
+HEAD_RECORD_SIZE = 256
+
+
 class FileHeadStore:
-    """The head in a 0600 file; concurrent writers (workers) serialise on a lock file."""
+    """The head in a 0600 file; concurrent writers (workers) serialise on a lock file.
+
+    The file stays one JSON document. :meth:`advance` overwrites it in place with a
+    fixed-size record under the exclusive lock; readers take the shared lock, so they never
+    see a half-written record. There is no ``fsync`` per advance: the head must not be more
+    durable than the events it counts (SQLite commits in WAL mode with synchronous=NORMAL
+    are not fsync-ed either, and a head ahead of the database after a power loss would be a
+    false "events missing" alarm), and a head that lags after a crash is what ``verify``
+    already tolerates: the events past it must still verify under the key.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -59,31 +76,47 @@ class FileHeadStore:
         self._lock_path = path.with_name(path.name + ".lock")
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)  # closing releases the lock
 
-    def read(self) -> ChainHead | None:
+    def _parse(self, raw: bytes) -> ChainHead:
         try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeError) as exc:
-            raise HeadStoreError(f"{self.path} cannot be read ({exc.__class__.__name__})") from None
-        try:
-            return ChainHead.from_json(text)
-        except ValueError as exc:
+            return ChainHead.from_json(raw.decode())
+        except (ValueError, UnicodeError) as exc:
             raise HeadStoreError(f"{self.path}: {exc}") from None
 
+    def read(self) -> ChainHead | None:
+        try:
+            with self._locked(fcntl.LOCK_SH):
+                raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise HeadStoreError(f"{self.path} cannot be read ({exc.__class__.__name__})") from None
+        return self._parse(raw)
+
     def advance(self, head: ChainHead) -> None:
+        record = head.to_json().encode()
+        if len(record) >= HEAD_RECORD_SIZE:
+            raise HeadStoreError(f"{self.path}: a head of {len(record)} bytes does not fit")
+        record = record.ljust(HEAD_RECORD_SIZE - 1) + b"\n"
         with self._locked():
-            current = self.read()
-            if current is None or current.seq < head.seq:
-                write_private_file(self.path, head.to_json().encode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                raw = os.pread(fd, 4096, 0)
+                current = self._parse(raw) if raw.strip() else None
+                if current is not None and current.seq >= head.seq:
+                    return
+                os.pwrite(fd, record, 0)
+                if len(raw) > HEAD_RECORD_SIZE:  # a longer file written by replace()
+                    os.ftruncate(fd, HEAD_RECORD_SIZE)
+            finally:
+                os.close(fd)
 
     def replace(self, head: ChainHead | None) -> None:
         with self._locked():

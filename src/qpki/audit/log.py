@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, event, func, or_, select, text
+from sqlalchemy import Row, event, func, insert, or_, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _CHAIN_LOCK_ID = 0x71504B49  # "qPKI": the advisory lock that serialises chain writers
 _PENDING_HEAD = "qpki_audit_pending_head"  # Session.info key: the head to store after commit
+# Session.info key: (seq, hash) of the chain's last event as this transaction left it. Only
+# set while the transaction holds the chain (BEGIN IMMEDIATE on SQLite, the advisory lock on
+# PostgreSQL), so the next event of the same transaction links to it without reading the
+# tail again; dropped at every commit or rollback.
+_CHAIN_TAIL = "qpki_audit_chain_tail"
 FORBIDDEN_DETAIL_KEYS = frozenset(
     {"password", "code", "secret", "totp_secret", "backup_code", "backup_codes", "token", "key"}
 )
@@ -58,6 +63,14 @@ _CHAIN_COLUMNS: tuple[Any, ...] = (
     AuditEventRecord.prev_hash,
     AuditEventRecord.hash,
 )
+# Built once: the two statements every audited use case runs (a statement built per call
+# costs its construction and cache-key walk each time; these are parameters only).
+_CHAIN_TAIL_QUERY = (
+    select(AuditEventRecord.seq, AuditEventRecord.hash)
+    .order_by(AuditEventRecord.id.desc())
+    .limit(1)
+)
+_INSERT_EVENT = insert(AuditEventRecord).returning(AuditEventRecord.id)
 # The AuditLog of each engine, for migrations that must seal with the application's key.
 _BY_ENGINE: weakref.WeakKeyDictionary[Engine, AuditLog] = weakref.WeakKeyDictionary()
 
@@ -107,9 +120,17 @@ def _store_pending_head(session: Session) -> None:
         log.error("audit chain head not stored in %s: %s", audit.head.description, exc)
 
 
+@event.listens_for(Session, "after_commit")
+def _forget_chain_tail(session: Session) -> None:
+    session.info.pop(_CHAIN_TAIL, None)
+
+
 @event.listens_for(Session, "after_rollback")
 def _drop_pending_head(session: Session) -> None:
+    """Any rollback, a savepoint's included (it fires for those too): the tail may name an
+    event that is gone."""
     session.info.pop(_PENDING_HEAD, None)
+    session.info.pop(_CHAIN_TAIL, None)
 
 
 class AuditLog:
@@ -162,30 +183,33 @@ class AuditLog:
         if at is not None and at.tzinfo is None:
             raise ValueError("audit times must be aware UTC datetimes")
         ctx = current_context()
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK_ID})
-        prev = session.execute(
-            select(AuditEventRecord.seq, AuditEventRecord.hash)
-            .order_by(AuditEventRecord.id.desc())
-            .limit(1)
-        ).first()
-        record = AuditEventRecord(
-            seq=(prev.seq + 1) if prev else 1,
-            occurred_at=at or utcnow(),
-            event=event.value,
-            outcome=outcome.value,
-            actor_id=actor_id,
-            actor_name=(actor_name or "")[:64],
-            target_user_id=target_user_id,
-            target_name=(target_name or "")[:64],
-            ip=ctx.ip[:64],
-            user_agent=ctx.user_agent[:256],
-            details=json.dumps(details, sort_keys=True, separators=(",", ":"), default=str),
-            prev_hash=prev.hash if prev else GENESIS,
-        )
-        record.hash = self.seal(record.prev_hash, record)
-        session.add(record)
-        session.flush()
+        tail: tuple[int, str] | None = session.info.get(_CHAIN_TAIL)
+        if tail is None:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK_ID})
+            prev = session.execute(_CHAIN_TAIL_QUERY).first()
+            tail = (int(prev.seq), str(prev.hash)) if prev else (0, GENESIS)
+        values: dict[str, Any] = {
+            "seq": tail[0] + 1,
+            "occurred_at": at or utcnow(),
+            "event": event.value,
+            "outcome": outcome.value,
+            "actor_id": actor_id,
+            "actor_name": (actor_name or "")[:64],
+            "target_user_id": target_user_id,
+            "target_name": (target_name or "")[:64],
+            "ip": ctx.ip[:64],
+            "user_agent": ctx.user_agent[:256],
+            "details": json.dumps(details, sort_keys=True, separators=(",", ":"), default=str),
+            "prev_hash": tail[1],
+        }
+        record = AuditEventRecord(**values)
+        record.hash = values["hash"] = self.seal(record.prev_hash, record)
+        # A Core INSERT of the sealed row: the ORM unit of work (identity map, flush
+        # bookkeeping) bought nothing for an append-only row. The returned object is
+        # transient, with its id.
+        record.id = session.execute(_INSERT_EVENT, values).scalar_one()
+        session.info[_CHAIN_TAIL] = (record.seq, record.hash)
         session.info[_PENDING_HEAD] = (self, self.sealed_head(record.seq, record.hash))
         return record
 

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from qpki.audit.log import AuditLog
 from qpki.audit.models import AuditEventRecord
+from qpki.auth import errors
 from qpki.auth.errors import (
     AccountLocked,
     AccountThrottled,
@@ -151,9 +152,16 @@ class AuthManager:
     def verify_mfa_code(
         self, user_id: int, code: str, *, now: datetime | None = None
     ) -> tuple[bool, str]:
-        """Check a TOTP or backup code: ``(success, message)`` as in the seed API."""
+        """Check a TOTP or backup code: ``(success, message)`` as in the seed API.
+
+        The seed's messages are kept word for word: a code used a second time is "Invalid
+        verification code" here (the pages say "That code was just used" instead).
+        """
         outcome = self.services.signin.verify_code(user_id, code, now=now)
-        return outcome.success, outcome.message
+        message = (
+            errors.INVALID_CODE if outcome.message == errors.CODE_JUST_USED else outcome.message
+        )
+        return outcome.success, message
 
     # -- factors ------------------------------------------------------------------------------
     def start_mfa_setup(self, user_id: int, *, now: datetime | None = None) -> SetupInfo:
@@ -285,4 +293,3 @@ class AuthManager:
 
     def recent_security_events(self, user_id: int, limit: int = 10) -> list[AuditEventRecord]:
         return self.services.sessions.recent_security_events(user_id, limit)
-

@@ -19,7 +19,11 @@ LOCKED = (
     "This account is locked after too many failed attempts. "
     "Contact your administrator to unlock it."
 )
-SIGNIN_EXPIRED = "Your sign-in has expired. Please sign in again."
+# A pending (password-only) sign-in lives Settings.pending_mfa_seconds: 300 s.
+SIGNIN_EXPIRED = "Sign-in timed out after 5 minutes. Please sign in again."
+# A right TOTP code whose time step was already used (the replay guard). Said only after the
+# password step or to a signed-in user, so it reveals nothing to a stranger.
+CODE_JUST_USED = "That code was just used. Wait for the next code in your app."
 ADMIN_NEEDS_2FA = (
     "Turn on two-factor authentication for your own account before acting on other accounts."
 )
@@ -60,7 +64,16 @@ class AccountLocked(AuthError):
 
 
 class ValidationFailed(AuthError):
-    """Input that breaks a rule (password policy, username format, missing reason)."""
+    """Input that breaks a rule (password policy, username format, missing reason).
+
+    ``fields`` names the problem of each input where the rule is about one (``username``,
+    ``email``, ``role``, ``password``), so a form can show each next to its field; ``message``
+    joins them all.
+    """
+
+    def __init__(self, message: str, *, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = dict(fields or {})
 
 
 class NotFound(AuthError):

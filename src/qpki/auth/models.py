@@ -103,8 +103,10 @@ class UserSession(Base):
     end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # When this session last proved both factors (sign-in or step-up); None = never.
     reauth_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    # How the sign-in was completed: "password", "totp", "backup"; "" while pending.
-    auth_method: Mapped[str] = mapped_column(String(16), default="")
+    # How the sign-in was completed: "password", "totp", "backup", "remembered_device"
+    # (password plus a remembered device, no code), "new_device" (password only, from a
+    # browser new to the account); "" while pending.
+    auth_method: Mapped[str] = mapped_column(String(32), default="")
 
 
 class LoginThrottle(Base):

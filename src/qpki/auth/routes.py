@@ -38,8 +38,10 @@ from qpki.auth.forms import (
     VerifyForm,
 )
 from qpki.auth.services.code_check import LOW_BACKUP_CODES
+from qpki.auth.services.factors import SetupInfo
 from qpki.web.client import client, set_device_cookie
 from qpki.web.limits import LOGIN_LIMIT, REGENERATE_LIMIT, SETUP_LIMIT, VERIFY_LIMIT, per_address
+from qpki.web.remember import remember_cookie, set_remember_cookie
 from qpki.web.security import is_safe_next
 from qpki.web.services import services
 from qpki.web.session_auth import (
@@ -84,7 +86,11 @@ def login() -> Page:
     next_url = form.next.data if is_safe_next(form.next.data) else None
     try:
         result = services().signin.login(
-            form.username.data, form.password.data, client=client(), replaces_token=session_token()
+            form.username.data,
+            form.password.data,
+            client=client(),
+            replaces_token=session_token(),
+            remember_cookie=remember_cookie(),
         )
     except AccountThrottled as exc:
         flash(exc.message, "error")
@@ -94,8 +100,12 @@ def login() -> Page:
         return render_template("auth/login.html", form=form), 200
     start_session(result.token, next_url)
     if result.mfa_required:
-        return redirect(url_for("auth.mfa_verify"))
-    return set_device_cookie(_after_login(), result.device_token)
+        return set_remember_cookie(
+            redirect(url_for("auth.mfa_verify")), None, forget=result.forget_remember_cookie
+        )
+    return set_remember_cookie(
+        set_device_cookie(_after_login(), result.device_token), result.remember_cookie
+    )
 
 
 @bp.route("/mfa/verify", methods=["GET", "POST"])
@@ -109,18 +119,25 @@ def mfa_verify() -> Page:
         flash("Please sign in first.", "info")
         return redirect(url_for("auth.login"))
     form = VerifyForm()
+    pending = pending_session_row()
+    remember_days = services().policy.remember_days_for(pending.user_id) if pending else 0
     if not form.validate_on_submit():
         form.code.data = ""
-        return render_template("auth/mfa_verify.html", form=form), (
-            400 if request.method == "POST" else 200
-        )
-    result = services().signin.complete_second_step(token, form.code.data, client=client())
+        return render_template(
+            "auth/mfa_verify.html", form=form, remember_days=remember_days
+        ), (400 if request.method == "POST" else 200)
+    result = services().signin.complete_second_step(
+        token,
+        form.code.data,
+        client=client(),
+        remember_device=bool(request.form.get("remember_device")) and remember_days > 0,
+    )
     if not result.success:
         form.code.data = ""  # never echo a submitted code back into the page
         flash(result.message, "error")
         status = 429 if result.retry_at else 403 if result.locked else 200
         return (
-            render_template("auth/mfa_verify.html", form=form),
+            render_template("auth/mfa_verify.html", form=form, remember_days=remember_days),
             status,
             _retry_headers(result.retry_at),
         )
@@ -130,8 +147,13 @@ def mfa_verify() -> Page:
         low = result.backup_codes_remaining <= LOW_BACKUP_CODES
         flash(result.message, "warning" if low else "info")
         if low:
-            return set_device_cookie(redirect(url_for("auth.backup_codes")), result.device_token)
-    return set_device_cookie(_after_login(), result.device_token)
+            return set_remember_cookie(
+                set_device_cookie(redirect(url_for("auth.backup_codes")), result.device_token),
+                result.remember_cookie,
+            )
+    return set_remember_cookie(
+        set_device_cookie(_after_login(), result.device_token), result.remember_cookie
+    )
 
 
 @bp.route("/reauth", methods=["GET", "POST"])
@@ -159,9 +181,11 @@ def reauth() -> Page:
     elif request.method == "POST":
         status = 400
     form.code.data = ""
-    return render_template(
-        "auth/reauth.html", form=form, has_2fa=current_user.two_factor_enabled
-    ), status, _retry_headers(None)
+    return (
+        render_template("auth/reauth.html", form=form, has_2fa=current_user.two_factor_enabled),
+        status,
+        _retry_headers(None),
+    )
 
 
 @bp.post("/logout")
@@ -198,6 +222,8 @@ def profile() -> Page:
         current_session_id=row.id if row else None,
         events=svc.sessions.recent_security_events(current_user.id),
         attack=svc.sessions.attack_notice(current_user),
+        remembered=svc.remembered_devices.list_for_user(current_user.id),
+        factor_required=svc.policy.factor_required(current_user),
         disable_form=DisableMFAForm(),
         post_form=PostForm(),
         needs_code=_needs_code(),
@@ -240,8 +266,10 @@ def change_password() -> Page:
             )
         except (AccountThrottled, AccountLocked) as exc:
             flash(exc.message, "error")
-            return render_template("auth/change_password.html", form=form), 429, _retry_headers(
-                getattr(exc, "retry_at", None)
+            return (
+                render_template("auth/change_password.html", form=form),
+                429,
+                _retry_headers(getattr(exc, "retry_at", None)),
             )
         except AuthError as exc:
             flash(exc.message, "error")
@@ -270,15 +298,47 @@ def end_session(session_id: int) -> Response:
 def end_other_sessions() -> Response:
     if PostForm().validate_on_submit():
         ended = services().sessions.end_others(current_user.id, session_token() or "")
-        flash(f"Signed out {ended} other session{'s' if ended != 1 else ''}.", "success")
+        flash(
+            f"Signed out {ended} other session{'s' if ended != 1 else ''}; "
+            "remembered devices were forgotten.",
+            "success",
+        )
+    return redirect(url_for("auth.profile"))
+
+
+@bp.post("/remembered-devices/<int:device_id>/forget")
+@login_required
+def forget_remembered_device(device_id: int) -> Response:
+    if PostForm().validate_on_submit():
+        if services().remembered_devices.forget(current_user, current_user.id, device_id):
+            flash("That device will be asked for a code again.", "success")
+        else:
+            flash("That device was not found or was already forgotten.", "error")
+    return redirect(url_for("auth.profile"))
+
+
+@bp.post("/remembered-devices/forget-all")
+@login_required
+def forget_remembered_devices() -> Response:
+    if PostForm().validate_on_submit():
+        forgotten = services().remembered_devices.forget(current_user, current_user.id)
+        flash(
+            f"Forgot {forgotten} remembered device{'s' if forgotten != 1 else ''}.", "success"
+        )
     return redirect(url_for("auth.profile"))
 
 
 # -- enrolment -------------------------------------------------------------------------------------
-def _setup_page(form: SetupConfirmForm, setup: object, status: int = 200) -> Page:
+def _setup_page(
+    form: SetupConfirmForm,
+    setup: SetupInfo,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, int, dict[str, str]]:
     form.code.data = ""  # never echo a submitted code back into the page
-    qr = base64.b64encode(setup.qr_png).decode()  # type: ignore[attr-defined]
-    return render_template("auth/mfa_setup.html", form=form, setup=setup, qr_data=qr), status
+    qr = base64.b64encode(setup.qr_png).decode()
+    page = render_template("auth/mfa_setup.html", form=form, setup=setup, qr_data=qr)
+    return page, status, headers or {}
 
 
 @bp.route("/mfa/setup", methods=["GET", "POST"])
@@ -286,15 +346,10 @@ def _setup_page(form: SetupConfirmForm, setup: object, status: int = 200) -> Pag
 @per_address(SETUP_LIMIT, methods=["POST"])
 def mfa_setup() -> Page:
     """GET shows the pending setup (the same secret every time) or the form that starts one;
-    POST confirms it with a code. Nothing here changes state on GET."""
+    POST confirms it with a code. Nothing here changes state on GET. With 2FA already on
+    this reconfigures the app (a new phone) or adds it next to a security key; the old app
+    keeps working until the new one is confirmed."""
     factors = services().factors
-    if current_user.two_factor_enabled:
-        flash(
-            "Two-factor authentication is already on. To move it to a new device, disable it "
-            "and enable it again.",
-            "info",
-        )
-        return redirect(url_for("auth.profile"))
     form = SetupConfirmForm()
     pending = factors.pending_setup(current_user.id)
     if request.method == "GET":
@@ -308,9 +363,11 @@ def mfa_setup() -> Page:
     if not form.validate_on_submit():
         return _setup_page(form, pending, 400)
     outcome = factors.confirm_setup(
-        current_user.id, form.code.data, keep_session_token=session_token(),
-        throttle_key=None,
+        current_user.id, form.code.data, keep_session_token=session_token()
     )
+    if outcome.codes == []:  # 2FA was on already: the backup codes stay as they were
+        flash("Your authenticator app is set up. Codes from the old app no longer work.", "success")
+        return redirect(url_for("auth.profile"))
     if outcome.codes is not None:
         flash("Two-factor authentication is now enabled.", "success")
         return _codes_page(outcome.codes, first_time=True)
@@ -318,8 +375,7 @@ def mfa_setup() -> Page:
         return render_template("auth/mfa_setup_expired.html", message=outcome.message), 400
     flash(outcome.message, "error")
     status = 429 if outcome.retry_at else 403 if outcome.locked else 400
-    page, _ = _setup_page(form, pending)  # type: ignore[misc]
-    return page, status, _retry_headers(outcome.retry_at)
+    return _setup_page(form, pending, status, _retry_headers(outcome.retry_at))
 
 
 def _needs_password() -> bool:
@@ -333,8 +389,6 @@ def mfa_setup_start() -> Response:
     """Start (or restart) an enrolment: a step-up action, as it binds a new authenticator."""
     if not PostForm().validate_on_submit():
         return redirect(url_for("auth.mfa_setup"))
-    if current_user.two_factor_enabled:
-        return redirect(url_for("auth.profile"))
     services().factors.start_setup(current_user.id)
     return redirect(url_for("auth.mfa_setup"))
 
@@ -549,3 +603,9 @@ def confirm_email(token: str) -> Response:
         page = render_template("auth/password_link_invalid.html", message=exc.message)
         return _no_store(page, 400)
     return _no_store(render_template("auth/email_confirm.html", form=form, info=info, token=token))
+
+
+# -- passkeys and security keys (pages and ceremonies in their own module) ------------------------
+from qpki.auth.webauthn_routes import bp as webauthn_bp  # noqa: E402
+
+bp.register_blueprint(webauthn_bp)

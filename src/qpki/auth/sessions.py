@@ -12,13 +12,19 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import User, UserSession
 from qpki.db.base import affected_rows
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+# Every request runs this one: built once, executed with the digest as its parameter.
+_LOOK_UP = (
+    select(UserSession, User)
+    .join(User, User.id == UserSession.user_id)
+    .where(UserSession.token_hash == bindparam("token_hash"))
+)
 # Sign-in methods that proved a second factor (a password-only sign-in is not one).
 SECOND_FACTOR_METHODS = frozenset({"totp", "backup_code", "webauthn"})
 
@@ -43,6 +49,30 @@ class ResolvedSession:
 
     row: UserSession
     user: User
+
+
+@dataclass(frozen=True)
+class SessionLookup:
+    """What a read of a session token found (see :meth:`SessionStore.look_up`).
+
+    ``live``: usable now. ``end_reason``: why a row not yet marked ended must be ended (the
+    caller does that in a write transaction); ``None`` when it is live or already ended.
+    ``touch_due``: a live row whose last-seen time is at least ``LAST_SEEN_RESOLUTION`` old.
+    """
+
+    row: UserSession
+    user: User
+    end_reason: str | None
+    live: bool
+    touch_due: bool
+
+    @property
+    def resolved(self) -> ResolvedSession | None:
+        return ResolvedSession(row=self.row, user=self.user) if self.live else None
+
+    @property
+    def needs_write(self) -> bool:
+        return self.end_reason is not None or self.touch_due
 
 
 class SessionStore:
@@ -106,31 +136,75 @@ class SessionStore:
         """The live session for ``token`` (touching last-seen), else ``None``.
 
         A row found expired is ended on the spot so that it shows as ended everywhere.
+        Needs a write transaction; :meth:`look_up` is the read-only half.
         """
-        row = self.find(session, token)
-        if row is None:
+        found = self.look_up(session, token, now)
+        if found is None:
             return None
+        if found.end_reason is not None:
+            self.end_found(session, found, now)
+            return None
+        if found.touch_due:
+            self.touch(session, found, now)
+        return found.resolved
+
+    def look_up(self, session: Session, token: str, now: datetime) -> SessionLookup | None:
+        """Read-only: the row and user for ``token``, why it is no longer usable (if so) and
+        whether its last-seen time is due to move. ``None`` when no row has this token.
+
+        The row and the user come from one SELECT (a join), not a query and a ``get``.
+        """
+        found = session.execute(_LOOK_UP, {"token_hash": token_digest(token)}).first()
+        if found is None:
+            return None
+        row, user = found
         reason = self.expiry_reason(row, now)
-        if reason is None:
-            user = session.get(User, row.user_id)
-            if user is None or not user.is_active:
-                reason = "user_inactive"
-        if reason is not None:
-            if row.ended_at is None:
-                row.ended_at, row.end_reason = now, reason
-            return None
-        if now - row.last_seen_at >= LAST_SEEN_RESOLUTION:
-            row.last_seen_at = now
-        return ResolvedSession(row=row, user=user)  # type: ignore[arg-type]
+        if reason is None and not user.is_active:
+            reason = "user_inactive"
+        return SessionLookup(
+            row=row,
+            user=user,
+            end_reason=reason if row.ended_at is None else None,
+            live=reason is None,
+            touch_due=reason is None and now - row.last_seen_at >= LAST_SEEN_RESOLUTION,
+        )
+
+    def end_found(self, session: Session, found: SessionLookup, now: datetime) -> None:
+        """End a row :meth:`look_up` found unusable (a conditional UPDATE: a row ended
+        meanwhile keeps its first reason)."""
+        if found.end_reason is None:
+            return
+        session.execute(
+            update(UserSession)
+            .where(UserSession.id == found.row.id, UserSession.ended_at.is_(None))
+            .values(ended_at=now, end_reason=found.end_reason)
+            .execution_options(synchronize_session=False)
+        )
+        found.row.ended_at, found.row.end_reason = now, found.end_reason
+
+    def touch(self, session: Session, found: SessionLookup, now: datetime) -> None:
+        """Move last-seen forward (a conditional UPDATE: only a live row, only forward)."""
+        session.execute(
+            update(UserSession)
+            .where(
+                UserSession.id == found.row.id,
+                UserSession.ended_at.is_(None),
+                UserSession.last_seen_at < now,
+            )
+            .values(last_seen_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        found.row.last_seen_at = now
 
     def claim_pending(self, session: Session, token: str, now: datetime) -> UserSession | None:
         """End a live pending session atomically, so exactly one second step can use it.
 
         One conditional UPDATE: of two requests racing on one pending sign-in, one gets the
         row and the other gets ``None`` before it spends anything. :meth:`release` undoes the
-        claim (inside the same transaction) when the factor turns out wrong.
+        claim (inside the same transaction) when the factor turns out wrong. The UPDATE
+        returns the whole row (ORM ``RETURNING``), so no SELECT follows it.
         """
-        claimed = session.execute(
+        return session.scalars(
             update(UserSession)
             .where(
                 UserSession.token_hash == token_digest(token),
@@ -139,10 +213,9 @@ class SessionStore:
                 UserSession.expires_at > now,
             )
             .values(ended_at=now, end_reason="mfa_completed")
-            .returning(UserSession.id)
+            .returning(UserSession)
             .execution_options(synchronize_session=False)
-        ).scalar_one_or_none()
-        return session.get(UserSession, claimed) if claimed is not None else None
+        ).one_or_none()
 
     def release(self, session: Session, row: UserSession) -> None:
         """Give back a claimed pending session (the factor was wrong; the user may retry)."""

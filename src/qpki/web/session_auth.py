@@ -13,11 +13,20 @@ from flask_login import LoginManager
 from werkzeug.wrappers import Response
 
 from qpki.auth.auth_manager import AuthManager
+from qpki.auth.errors import SIGNIN_EXPIRED
 from qpki.auth.models import User, UserSession
 from qpki.auth.services.audit_trail import AuditTrailService
+from qpki.web.services import services
 
 SESSION_KEY = "sid"
 NEXT_KEY = "next"
+# While a sign-in waits for its second factor: the name typed at the password step, so that a
+# sign-in that timed out can say so and keep the name in the form (never a secret; the cookie
+# is signed, and start_session clears it at every change of authentication level).
+PENDING_USER_KEY = "pending_user"
+PENDING_UNTIL_KEY = "pending_until"  # when it times out (POSIX seconds)
+# After a pending sign-in timed out: the name for the sign-in form (see take_signin_username).
+SIGNIN_USERNAME_KEY = "signin_username"
 
 
 def auth_manager() -> AuthManager:
@@ -56,6 +65,35 @@ def start_session(token: str, next_url: str | None = None) -> None:
         session[NEXT_KEY] = next_url
 
 
+def take_signin_username() -> str:
+    """The user name to put back into the sign-in form after a timed-out sign-in, once."""
+    name = session.pop(SIGNIN_USERNAME_KEY, "")
+    return name if isinstance(name, str) else ""
+
+
+def _signin_timed_out(target: str | None = None) -> Response | None:
+    """A pending sign-in of this browser ended unfinished (the 5 minutes passed): say so, keep
+    the name for the form, and send the browser back to the sign-in page with its target
+    (the page asked for at sign-in, else ``target``, the page asked for now).
+
+    Only for a cookie that was pending when last seen; a full session that ended keeps the
+    general "Your session has ended" message.
+    """
+    username = session.get(PENDING_USER_KEY)
+    until = session.get(PENDING_UNTIL_KEY)
+    if not isinstance(username, str) or not g.get("session_expired"):
+        return None
+    if not isinstance(until, int | float) or services().clock().timestamp() < until:
+        return None  # ended for another reason (deactivated, signed out): the general message
+    next_url = session.get(NEXT_KEY) or target
+    session.clear()
+    session[SIGNIN_USERNAME_KEY] = username
+    flash(SIGNIN_EXPIRED, "error")
+    if isinstance(next_url, str) and next_url:
+        return redirect(url_for("auth.login", next=next_url))
+    return redirect(url_for("auth.login"))
+
+
 def install_login_manager(app: Flask) -> LoginManager:
     manager = LoginManager()
     manager.session_protection = None  # the server-side session record does this job
@@ -76,7 +114,21 @@ def install_login_manager(app: Flask) -> LoginManager:
             g.session_row = row
             return user
         g.pending_row = row
+        if session.get(PENDING_USER_KEY) != user.username:
+            session[PENDING_USER_KEY] = user.username
+            session[PENDING_UNTIL_KEY] = row.expires_at.timestamp()
         return None
+
+    @app.before_request
+    def _timed_out_signin() -> Response | None:
+        """The second-factor page of a sign-in that timed out (the route itself would only say
+        "Please sign in first")."""
+        if request.endpoint != "auth.mfa_verify" or PENDING_USER_KEY not in session:
+            return None
+        from flask_login import current_user
+
+        _ = current_user.is_authenticated  # resolves the cookie (sets g.session_expired)
+        return _signin_timed_out()
 
     @manager.unauthorized_handler
     def _unauthorized() -> Response:
@@ -85,12 +137,18 @@ def install_login_manager(app: Flask) -> LoginManager:
         _ = current_user.is_authenticated
         if pending_session_row() is not None:
             return redirect(url_for("auth.mfa_verify"))
-        if g.get("session_expired"):
-            flash("Your session has ended. Please sign in again.", "info")
         target = request.full_path if request.method == "GET" else None
         if target and target.endswith("?"):
             target = target[:-1]
+        timed_out = _signin_timed_out(target)
+        if timed_out is not None:
+            return timed_out
+        if g.get("session_expired"):
+            flash("Your session has ended. Please sign in again.", "info")
         return redirect(url_for("auth.login", next=target) if target else url_for("auth.login"))
 
     manager.init_app(app)
+    from qpki.web.notices import install_notices  # it builds on this module
+
+    install_notices(app)  # what pages say about the signed-in user's 2FA being off
     return manager

@@ -18,11 +18,15 @@ from qpki.auth.services.code_check import CodeChecker
 from qpki.auth.services.common import ThrottleGate
 from qpki.auth.services.devices import KnownDevices
 from qpki.auth.services.factors import SETUP_LIFETIME, FactorService
+from qpki.auth.services.policy import KeyClause, PolicyService, has_webauthn_credential
+from qpki.auth.services.remembered_devices import RememberedDeviceService
 from qpki.auth.services.sessions import SessionService
 from qpki.auth.services.signin import SignInService
 from qpki.auth.services.step_up import DEFAULT_WINDOW, StepUpService
+from qpki.auth.services.webauthn import WebAuthnService
 from qpki.auth.sessions import SessionPolicy, SessionStore
 from qpki.auth.throttle_store import AccountThrottle
+from qpki.auth.webauthn import RelyingParty
 from qpki.clock import Clock, system_clock
 from qpki.db.manager import DatabaseManager
 from qpki.mail.notifier import Notifier
@@ -43,6 +47,9 @@ class Services:
     step_up: StepUpService
     sessions: SessionService
     notifier: Notifier
+    webauthn: WebAuthnService
+    policy: PolicyService
+    remembered_devices: RememberedDeviceService
 
 
 def build_services(
@@ -56,6 +63,8 @@ def build_services(
     session_policy: SessionPolicy | None = None,
     reauth_window: timedelta = DEFAULT_WINDOW,
     setup_lifetime: timedelta | None = None,
+    security_key_clause: KeyClause = has_webauthn_credential,
+    webauthn_rp: RelyingParty | None = None,
 ) -> Services:
     """Compose the services over one database, audit log, clock and key ring."""
     passwords = passwords or Passwords()
@@ -63,6 +72,7 @@ def build_services(
     gate = ThrottleGate(AccountThrottle(), audit, notifier)
     checker = CodeChecker(mfa, audit, gate, notifier)
     devices = KnownDevices()
+    policy = PolicyService(db, audit, clock, security_key_clause=security_key_clause)
     factors = FactorService(
         db,
         audit,
@@ -72,19 +82,41 @@ def build_services(
         store,
         notifier,
         setup_lifetime=setup_lifetime or SETUP_LIFETIME,
+        policy=policy,
+    )
+    signin = SignInService(
+        db, audit, clock, passwords, gate, store, checker, devices, notifier, policy=policy
+    )
+    step_up = StepUpService(
+        db, audit, clock, passwords, gate, checker, devices, policy, window=reauth_window
+    )
+    webauthn = WebAuthnService(
+        db,
+        audit,
+        clock,
+        notifier,
+        rp=webauthn_rp or RelyingParty(),
+        mfa=mfa,
+        sessions=store,
+        signin=signin,
+        step_up=step_up,
+        gate=gate,
+        devices=devices,
+        policy=policy,
     )
     return Services(
+        webauthn=webauthn,
         db=db,
         audit=audit,
         clock=clock,
         mfa=mfa,
         passwords=passwords,
         accounts=AccountService(db, audit, clock, passwords, gate, store, devices, notifier),
-        signin=SignInService(db, audit, clock, passwords, gate, store, checker, devices, notifier),
+        signin=signin,
         factors=factors,
-        step_up=StepUpService(
-            db, audit, clock, passwords, gate, checker, devices, window=reauth_window
-        ),
+        step_up=step_up,
         sessions=SessionService(db, audit, clock, store),
         notifier=notifier,
+        policy=policy,
+        remembered_devices=RememberedDeviceService(db, audit, clock),
     )

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from qpki.audit.events import AuditEvent, Outcome
@@ -23,6 +23,7 @@ from qpki.auth.errors import (
 )
 from qpki.auth.models import LoginThrottle, Role, User
 from qpki.auth.passwords import PasswordPolicyError, Passwords, check_password_policy
+from qpki.auth.services import remembered_devices
 from qpki.auth.services.common import (
     Client,
     ThrottleGate,
@@ -114,12 +115,16 @@ class AccountService:
         self,
         *,
         mfa: bool | None = None,
+        role: str | None = None,
         search: str = "",
         after: str | None = None,
         limit: int | None = None,
         user_id: int | None = None,
+        where: ColumnElement[bool] | None = None,
     ) -> list[UserSummary]:
-        """Users with their 2FA and lock state, by username; keyset-paginated with ``after``."""
+        """Users with their 2FA and lock state, by username; keyset-paginated with ``after``.
+
+        ``where`` is a further condition on ``User`` (the policy's compliance filter)."""
         now = self.clock()
         with self.db.transaction(write=False) as s:
             stmt = (
@@ -131,6 +136,10 @@ class AccountService:
                 stmt = stmt.where(User.id == user_id)
             if mfa is not None:
                 stmt = stmt.where(User.two_factor_enabled.is_(mfa))
+            if role is not None:
+                stmt = stmt.where(User.role == role)
+            if where is not None:
+                stmt = stmt.where(where)
             if search:
                 pattern = f"%{search.strip().casefold()}%"
                 stmt = stmt.where(
@@ -167,20 +176,24 @@ class AccountService:
         """A new active user. Raises ValidationFailed for a bad name, email, role or password."""
         now = self.clock()
         username = username.strip()
-        problems = []
+        # Every problem at once, by field, so a form shows them all after one submit.
+        problems: dict[str, str] = {}
         if not USERNAME_RE.match(username):
-            problems.append(
+            problems["username"] = (
                 "Username must be 3-64 characters: letters, digits, '.', '_', '-' or '@', "
                 "starting with a letter or digit."
             )
         email = email.strip()
         if email and not EMAIL_RE.match(email):
-            problems.append("Email address is not valid.")
+            problems["email"] = "Email address is not valid."
         if role not in ROLES:
-            problems.append("Role must be admin, operator or viewer.")
+            problems["role"] = "Role must be admin, operator or viewer."
+        try:
+            check_policy(password, username)
+        except ValidationFailed as exc:
+            problems["password"] = exc.message
         if problems:
-            raise ValidationFailed(" ".join(problems))
-        check_policy(password, username)
+            raise ValidationFailed(" ".join(problems.values()), fields=problems)
         password_hash = self.passwords.hash(password)
         with self.db.transaction() as s:
             denied = self._denied(s, actor, None, "create_user", now)
@@ -213,12 +226,16 @@ class AccountService:
             raise PermissionDenied(denied)
         return user
 
-    def set_role(self, actor: User, user_id: int, role: str) -> User:
-        """Change a user's role (admins only; an admin cannot demote themself)."""
+    def set_role(
+        self, actor: User | None, user_id: int, role: str, *, actor_name: str = ""
+    ) -> User:
+        """Change a user's role (admins only; an admin cannot demote themself).
+
+        ``actor=None`` is a non-user actor named by ``actor_name`` (the CLI, an API key)."""
         now = self.clock()
         if role not in ROLES:
             raise ValidationFailed("Role must be admin, operator or viewer.")
-        if actor.id == user_id and role != Role.ADMIN.value:
+        if actor is not None and actor.id == user_id and role != Role.ADMIN.value:
             raise ValidationFailed("You cannot remove your own admin role.")
         with self.db.transaction() as s:
             denied = self._denied(s, actor, user_id, "set_role", now)
@@ -229,7 +246,7 @@ class AccountService:
                 self.audit.record(
                     s,
                     AuditEvent.USER_CHANGED,
-                    **actor_fields(actor),
+                    **actor_fields(actor, actor_name),
                     target_user_id=user.id,
                     target_name=user.username,
                     details={"role": {"from": old, "to": role}},
@@ -294,7 +311,10 @@ class AccountService:
                     **actor_fields(actor, actor_name),
                     target_user_id=user.id,
                     target_name=user.username,
-                    details={"sessions_ended": ended},
+                    details={
+                        "sessions_ended": ended,
+                        "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
+                    },
                     at=now,
                 )
                 self.notifier.security_alert(
@@ -446,7 +466,10 @@ class AccountService:
                 AuditEvent.PASSWORD_CHANGED,
                 row,
                 at=now,
-                details={"sessions_ended": max(0, ended - (1 if token else 0))},
+                details={
+                    "sessions_ended": max(0, ended - (1 if token else 0)),
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user_id),
+                },
             )
             self.notifier.security_alert(
                 s,

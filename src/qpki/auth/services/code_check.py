@@ -137,7 +137,10 @@ class CodeChecker:
             # The password was right (or the user is signed in): tell the owner, at most
             # once per window (the Notifier's rule; the throttle row lock keeps it exact).
             self.notifier.security_alert(s, user, Alert.WRONG_SECOND_FACTOR, at=now)
-            message = errors.BACKUP_CODE_USED if reason == "already_used" else errors.INVALID_CODE
+            message = {
+                "already_used": errors.BACKUP_CODE_USED,
+                "replay": errors.CODE_JUST_USED,
+            }.get(reason, errors.INVALID_CODE)
             return CodeOutcome(False, message, method=method)
         self.gate.store.reset(s, throttle_key)
         self._record(

@@ -11,6 +11,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ from qpki.auth import errors
 from qpki.auth.errors import MFAError, PermissionDenied, SecretUnavailable, ValidationFailed
 from qpki.auth.mfa import MFAManager
 from qpki.auth.models import MFASetupSession, User
+from qpki.auth.services import remembered_devices
 from qpki.auth.services.code_check import (
     LOW_BACKUP_CODES,
     backup_entries,
@@ -28,12 +30,21 @@ from qpki.auth.services.code_check import (
 )
 from qpki.auth.services.common import ThrottleGate, actor_fields, audit_own, load_user, refusal_for
 from qpki.auth.sessions import SessionStore
+from qpki.auth.webauthn_models import WebAuthnChallenge, WebAuthnCredential
 from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
 
+if TYPE_CHECKING:
+    from qpki.auth.services.policy import PolicyService
+
 log = logging.getLogger(__name__)
+# Why a user may not turn off their last second factor (the profile page says so too).
+FACTOR_REQUIRED = (
+    "Your role requires two-factor authentication, so you cannot turn it off. "
+    "If you lost your phone and backup codes, ask an administrator to reset it."
+)
 
 SETUP_LIFETIME = timedelta(minutes=15)
 MAX_RESET_REASON = 500
@@ -95,6 +106,7 @@ class FactorService:
         notifier: Notifier,
         *,
         setup_lifetime: timedelta = SETUP_LIFETIME,
+        policy: PolicyService,
     ) -> None:
         self.db = db
         self.audit = audit
@@ -104,6 +116,7 @@ class FactorService:
         self.sessions = sessions
         self.notifier = notifier
         self.setup_lifetime = setup_lifetime
+        self.policy = policy
 
     # -- enrolment ----------------------------------------------------------------------------
     def start_setup(
@@ -201,11 +214,11 @@ class FactorService:
             if step is None:
                 self._setup_failure(s, user, now, "invalid", reservation.state.failures)
                 return SetupOutcome(None, errors.INVALID_CODE)
-            codes = self.mfa.generate_backup_codes()
             was_enabled = user.two_factor_enabled
+            # Backup codes come with the first factor of either kind; reconfiguring the app,
+            # or adding it next to a security key, keeps the codes the user already holds.
+            codes = [] if was_enabled and user.backup_codes else issue_backup_codes(self.mfa, user)
             user.totp_secret = self.mfa.encrypt(secret, now)
-            user.backup_codes = self.mfa.encrypt_backup_entries(self.mfa.hash_backup_codes(codes))
-            user.backup_codes_version += 1
             user.totp_last_step = step  # the confirming code cannot be replayed to sign in
             user.two_factor_enabled = True
             user.mfa_enabled_at = now
@@ -214,6 +227,7 @@ class FactorService:
             ended = self.sessions.end_all(
                 s, user.id, "mfa_enabled", now, keep_token=keep_session_token
             )
+            self.policy.enrolled_in(s, user.id)
             audit_own(
                 self.audit,
                 s,
@@ -225,6 +239,7 @@ class FactorService:
                     "codes_issued": len(codes),
                     "replaced": was_enabled,
                     "sessions_ended": ended,
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
                 },
             )
             self.notifier.security_alert(s, user, Alert.MFA_ENABLED, at=now)
@@ -283,7 +298,11 @@ class FactorService:
                 AuditEvent.BACKUP_CODES_REGENERATED,
                 user,
                 at=now,
-                details={"codes_issued": len(codes), "sessions_ended": ended},
+                details={
+                    "codes_issued": len(codes),
+                    "sessions_ended": ended,
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user_id),
+                },
             )
             self.notifier.security_alert(s, user, Alert.BACKUP_CODES_REGENERATED, at=now)
         return codes
@@ -292,12 +311,35 @@ class FactorService:
     def disable(
         self, user_id: int, *, keep_session_token: str | None = None, now: datetime | None = None
     ) -> None:
-        """Turn one's own 2FA off (after step-up); ends the user's other sessions."""
+        """Turn one's own 2FA off (after step-up); ends the user's other sessions.
+
+        Refused (audited, then PermissionDenied) when the user's role requires a second
+        factor: a member cannot remove their last one (checklist §12.5).
+        """
         now = now or self.clock()
         with self.db.transaction() as s:
             user = load_user(s, user_id)
             if not user.two_factor_enabled:
                 raise MFAError(errors.MFA_NOT_ENABLED)
+            required = self.policy.must_keep_factor_in(s, user)
+            if required:
+                audit_own(
+                    self.audit,
+                    s,
+                    AuditEvent.MFA_DISABLED,
+                    user,
+                    Outcome.FAILURE,
+                    at=now,
+                    details={"reason": "required_by_policy", "role": user.role},
+                )
+        if required:
+            raise PermissionDenied(FACTOR_REQUIRED)
+        with self.db.transaction() as s:
+            user = load_user(s, user_id)
+            if not user.two_factor_enabled:
+                raise MFAError(errors.MFA_NOT_ENABLED)
+            if self.policy.must_keep_factor_in(s, user):  # the policy changed in between
+                raise PermissionDenied(FACTOR_REQUIRED)
             clear_factors(s, user)
             ended = self.sessions.end_all(
                 s, user_id, "mfa_disabled", now, keep_token=keep_session_token
@@ -308,7 +350,10 @@ class FactorService:
                 AuditEvent.MFA_DISABLED,
                 user,
                 at=now,
-                details={"sessions_ended": ended},
+                details={
+                    "sessions_ended": ended,
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user_id),
+                },
             )
             self.notifier.security_alert(s, user, Alert.MFA_DISABLED, at=now)
 
@@ -361,7 +406,13 @@ class FactorService:
                     **actor_fields(actor, actor_name),
                     target_user_id=user.id,
                     target_name=user.username,
-                    details={"reason": reason, "sessions_ended": ended},
+                    details={
+                        "reason": reason,
+                        "sessions_ended": ended,
+                        "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
+                        # Under a 2FA policy: enrol at the next sign-in, no new grace.
+                        "enrol_at_next_sign_in": self.policy.enrol_at_next_sign_in(s, user, now),
+                    },
                     at=now,
                 )
                 self.notifier.security_alert(
@@ -411,11 +462,23 @@ def admin_denial(s: Session, actor: User, target_user_id: int | None) -> str | N
     return None
 
 
+def issue_backup_codes(mfa: MFAManager, user: User) -> list[str]:
+    """A new set of backup codes for ``user`` (stored hashed and encrypted); the plain codes,
+    to be shown once. The old set, if any, stops working."""
+    codes = mfa.generate_backup_codes()
+    user.backup_codes = mfa.encrypt_backup_entries(mfa.hash_backup_codes(codes))
+    user.backup_codes_version += 1
+    return codes
+
+
 def clear_factors(s: Session, user: User) -> None:
-    """Forget every second factor of ``user`` (and any enrolment in progress)."""
+    """Forget every second factor of ``user``: the app, the backup codes, every passkey and
+    security key, and any enrolment or key ceremony in progress."""
     user.two_factor_enabled = False
     user.totp_secret = None
     user.backup_codes = None
     user.backup_codes_version += 1
     user.mfa_enabled_at = None
     s.execute(delete(MFASetupSession).where(MFASetupSession.user_id == user.id))
+    s.execute(delete(WebAuthnCredential).where(WebAuthnCredential.user_id == user.id))
+    s.execute(delete(WebAuthnChallenge).where(WebAuthnChallenge.user_id == user.id))

@@ -46,11 +46,26 @@ class SessionService:
     def resolve(
         self, token: str, *, now: datetime | None = None
     ) -> tuple[User, UserSession] | None:
-        """The user and session row for a cookie token, if the session is live."""
+        """The user and session row for a cookie token, if the session is live.
+
+        Runs on every request, so it reads in a read transaction (on SQLite a deferred one,
+        which never waits for or holds up a writer). A write follows only when due: ending a
+        row found expired, or moving last-seen (at most once a minute per session), each a
+        conditional UPDATE.
+        """
         now = now or self.clock()
-        with self.db.transaction() as s:
-            resolved = self.sessions.resolve(s, token, now)
-            return (resolved.user, resolved.row) if resolved else None
+        with self.db.transaction(write=False) as s:
+            found = self.sessions.look_up(s, token, now)
+        if found is None:
+            return None
+        if found.needs_write:
+            with self.db.transaction() as s:
+                if found.end_reason is not None:
+                    self.sessions.end_found(s, found, now)
+                else:
+                    self.sessions.touch(s, found, now)
+        resolved = found.resolved
+        return (resolved.user, resolved.row) if resolved else None
 
     def logout(self, token: str, *, now: datetime | None = None) -> None:
         """End the session; the same cookie is refused from now on."""

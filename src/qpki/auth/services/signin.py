@@ -21,15 +21,27 @@ from qpki.auth import errors
 from qpki.auth.errors import AccountLocked, AccountThrottled, InvalidCredentials
 from qpki.auth.models import User
 from qpki.auth.passwords import Passwords
+from qpki.auth.services import remembered_devices
 from qpki.auth.services.code_check import CodeChecker, CodeOutcome
 from qpki.auth.services.common import Client, ThrottleGate, audit_own, refusal_for
 from qpki.auth.services.devices import KnownDevices
+from qpki.auth.services.policy import NEW_DEVICE_METHOD, PolicyService
+from qpki.auth.services.remembered_devices import DeviceCheck
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
+from qpki.mail.useragent import describe_user_agent
+
+# Why an app code is refused for a member of a role that requires a passkey or security key.
+KEY_REQUIRED = (
+    "Your role requires a passkey or security key: use your key to sign in "
+    "(or a backup code if you lost it)."
+)
+# What the JSON API's verify answers for a deactivated account (the web never gets this far).
+ACCOUNT_INACTIVE = "Account is deactivated"
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ class LoginResult:
     token: str
     mfa_required: bool
     device_token: str | None = None
+    # The rotated remembered-device cookie to set (the code was skipped), or whether the one
+    # presented is dead and should be dropped from the browser.
+    remember_cookie: str | None = None
+    forget_remember_cookie: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,7 @@ class MFAResult:
     retry_at: datetime | None = None
     locked: bool = False
     device_token: str | None = None
+    remember_cookie: str | None = None  # set when the user asked to remember this device
 
 
 class SignInService:
@@ -78,6 +95,8 @@ class SignInService:
         checker: CodeChecker,
         devices: KnownDevices,
         notifier: Notifier,
+        *,
+        policy: PolicyService,
     ) -> None:
         self.db = db
         self.audit = audit
@@ -88,6 +107,7 @@ class SignInService:
         self.checker = checker
         self.devices = devices
         self.notifier = notifier
+        self.policy = policy
 
     def authenticate(
         self,
@@ -170,12 +190,15 @@ class SignInService:
         *,
         client: Client | None = None,
         replaces_token: str | None = None,
+        remember_cookie: str | None = None,
         now: datetime | None = None,
     ) -> LoginResult:
         """The password step: a full session, or a pending one if 2FA is on.
 
         A session this browser already had (``replaces_token``) ends: signing in again never
-        leaves the old session valid.
+        leaves the old session valid. With 2FA on, a valid remembered device
+        (``remember_cookie``, where the role's policy allows it) opens the full session with
+        the method "remembered_device" and a rotated cookie; a stale one is revoked.
         """
         client = client or Client()
         now = now or self.clock()
@@ -186,6 +209,30 @@ class SignInService:
                 old = self.sessions.find(s, replaces_token)
                 if old is not None:
                     self.sessions.end(s, old, "signed_in_again", now)
+            forget_cookie = False
+            if user.two_factor_enabled and remember_cookie:
+                used = remembered_devices.use(
+                    s,
+                    self.audit,
+                    user,
+                    remember_cookie,
+                    now,
+                    allowed_days=self.policy.remember_days_in(s, user),
+                    ip=client.ip,
+                    user_agent=client.user_agent,
+                )
+                if used.check is DeviceCheck.VALID:
+                    token, device_token = self.open_full_session(
+                        s, user, now, client, method="remembered_device", throttle_key=throttle_key
+                    )
+                    return LoginResult(
+                        user,
+                        token,
+                        mfa_required=False,
+                        device_token=device_token,
+                        remember_cookie=used.new_cookie,
+                    )
+                forget_cookie = used.check is not DeviceCheck.NOT_ALLOWED
             if user.two_factor_enabled:
                 self.gate.store.refund(s, throttle_key)
                 token = self.sessions.create(
@@ -197,7 +244,9 @@ class SignInService:
                     user_agent=client.user_agent,
                 )
                 audit_own(self.audit, s, AuditEvent.LOGIN_PASSWORD_ACCEPTED, user, at=now)
-                return LoginResult(user=user, token=token, mfa_required=True)
+                return LoginResult(
+                    user=user, token=token, mfa_required=True, forget_remember_cookie=forget_cookie
+                )
             token, device_token = self.open_full_session(
                 s, user, now, client, method="password", throttle_key=throttle_key
             )
@@ -209,9 +258,14 @@ class SignInService:
         code: str,
         *,
         client: Client | None = None,
+        remember_device: bool = False,
         now: datetime | None = None,
     ) -> MFAResult:
-        """The second step: on success a new session replaces the pending one."""
+        """The second step: on success a new session replaces the pending one.
+
+        With ``remember_device`` (the box at the second step), and where the role's policy
+        allows it, this browser is remembered: ``remember_cookie`` is its new cookie.
+        """
         client = client or Client()
         now = now or self.clock()
         with self.db.transaction() as s:
@@ -232,8 +286,26 @@ class SignInService:
                     retry_at=outcome.retry_at,
                     locked=outcome.locked,
                 )
+            if outcome.method == "totp" and self.policy.key_required_in(s, user):
+                # A member of a phishing-resistant role who has a key signs in with it; an
+                # app code could have been phished. (A backup code still lets them in, to
+                # register a new key after losing theirs; the checker audits its use.)
+                self.sessions.release(s, pending)
+                audit_own(
+                    self.audit,
+                    s,
+                    AuditEvent.MFA_VERIFY_FAILURE,
+                    user,
+                    Outcome.FAILURE,
+                    at=now,
+                    details={"reason": "key_required", "method": "totp"},
+                )
+                return MFAResult(False, KEY_REQUIRED, method=outcome.method)
             token, device_token = self.open_full_session(
                 s, user, now, client, method=outcome.method, throttle_key=throttle_key
+            )
+            remember_cookie = (
+                self.remember_device(s, user, now, client) if remember_device else None
             )
         return MFAResult(
             True,
@@ -242,7 +314,29 @@ class SignInService:
             method=outcome.method,
             backup_codes_remaining=outcome.backup_codes_remaining,
             device_token=device_token,
+            remember_cookie=remember_cookie,
         )
+
+    def remember_device(
+        self, s: Session, user: User, now: datetime, client: Client
+    ) -> str | None:
+        """After a second factor: remember this browser if the role's policy allows it
+        (audited); the cookie value, or ``None`` when not allowed."""
+        days = self.policy.remember_days_in(s, user)
+        if days <= 0:
+            return None
+        cookie = remembered_devices.issue(
+            s, user, now, days, ip=client.ip, user_agent=client.user_agent
+        )
+        audit_own(
+            self.audit,
+            s,
+            AuditEvent.REMEMBERED_DEVICE_ADDED,
+            user,
+            at=now,
+            details={"days": days},
+        )
+        return cookie
 
     def verify_code(
         self,
@@ -251,16 +345,28 @@ class SignInService:
         *,
         throttle_key: str | None = None,
         now: datetime | None = None,
+        actor_name: str | None = None,
+        active_only: bool = False,
     ) -> CodeOutcome:
         """Check a TOTP or backup code for a user, outside any sign-in (the seed's API, and
-        the JSON API): the same reservation, replay guard and audit as the second step."""
+        the JSON API): the same reservation, replay guard and audit as the second step.
+
+        The JSON API passes ``actor_name`` (its service key, audited as the actor) and
+        ``active_only`` (a deactivated account is refused, as at sign-in)."""
         now = now or self.clock()
         with self.db.transaction() as s:
             user = s.get(User, user_id)
             if user is None:
                 return CodeOutcome(False, errors.MFA_NOT_ENABLED)
+            if active_only and not user.is_active:
+                return CodeOutcome(False, ACCOUNT_INACTIVE)
             return self.checker.check(
-                s, user, code, now, throttle_key=throttle_key or user.username_key
+                s,
+                user,
+                code,
+                now,
+                throttle_key=throttle_key or user.username_key,
+                actor_name=actor_name,
             )
 
     def open_full_session(
@@ -273,7 +379,18 @@ class SignInService:
         method: str | None,
         throttle_key: str,
     ) -> tuple[str, str | None]:
-        """A signed-in session; the browser becomes a known device. (token, new device token)"""
+        """A signed-in session; the browser becomes a known device. (token, new device token)
+
+        A password-only sign-in from a browser new to an account that signed in before is
+        marked "new_device" when the role's policy requires 2FA on new devices (the policy
+        gate then sends the user to enrol). The first sign-in under a 2FA policy starts the
+        user's grace period.
+        """
+        signed_in_before = user.last_login_at is not None
+        method = method or "password"
+        new_device = signed_in_before and self.devices.find(s, user, client.device_token) is None
+        if new_device and method == "password" and self.policy.new_device_rule_in(s, user):
+            method = NEW_DEVICE_METHOD
         token = self.sessions.create(
             s,
             user.id,
@@ -281,15 +398,22 @@ class SignInService:
             now=now,
             ip=client.ip,
             user_agent=client.user_agent,
-            method=method or "password",
+            method=method,
         )
-        signed_in_before = user.last_login_at is not None
         s.execute(update(User).where(User.id == user.id).values(last_login_at=now))
         self.gate.store.reset(s, throttle_key)
         device_token = self.devices.remember(
             s, user, client.device_token, now, client.ip, client.user_agent
         )
         if device_token is not None and signed_in_before:
+            audit_own(
+                self.audit,
+                s,
+                AuditEvent.NEW_DEVICE_SIGN_IN,
+                user,
+                at=now,
+                details={"browser": describe_user_agent(client.user_agent), "method": method},
+            )
             self.notifier.security_alert(
                 s,
                 user,
@@ -298,6 +422,7 @@ class SignInService:
                 ip=client.ip or None,
                 user_agent=client.user_agent or None,
             )
+        self.policy.status_in(s, user, now, session_method=method, start_grace=True)
         audit_own(
             self.audit,
             s,

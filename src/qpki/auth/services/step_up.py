@@ -22,6 +22,7 @@ from qpki.auth.services.code_check import CodeChecker
 from qpki.auth.services.common import Client, ThrottleGate, audit_own, load_user, refusal_for
 from qpki.auth.services.devices import KnownDevices
 from qpki.auth.services.factors import admin_denial
+from qpki.auth.services.policy import PolicyService
 from qpki.auth.sessions import token_digest
 from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
@@ -54,6 +55,7 @@ class StepUpService:
         gate: ThrottleGate,
         checker: CodeChecker,
         devices: KnownDevices,
+        policy: PolicyService,
         *,
         window: timedelta = DEFAULT_WINDOW,
     ) -> None:
@@ -64,6 +66,7 @@ class StepUpService:
         self.gate = gate
         self.checker = checker
         self.devices = devices
+        self.policy = policy
         self.window = window
 
     @property
@@ -81,8 +84,14 @@ class StepUpService:
         return age <= self.window
 
     def needs_code(self, user: User, row: UserSession | None) -> bool:
-        """Whether an inline step-up form must also ask for a current code."""
-        return bool(user.two_factor_enabled) and not self.is_fresh(row)
+        """Whether an inline step-up form must also ask for a current code. A user whose only
+        second factors are security keys has no code to type: a stale session of theirs is
+        sent to the reauth page, where the key proves it."""
+        return (
+            bool(user.two_factor_enabled)
+            and user.totp_secret is not None
+            and not self.is_fresh(row)
+        )
 
     def consume(self, token: str) -> None:
         """With a window of 0, a re-authentication serves one action only."""
@@ -171,10 +180,20 @@ class StepUpService:
             self.gate.store.refund(s, key)
             user = load_user(s, user_id)
             if user.two_factor_enabled and code_required:
+                if self.policy.key_required_in(s, user):
+                    # A role that requires a phishing-resistant factor takes no app code
+                    # here either (§12.5): the security-key button confirms instead.
+                    return StepUpOutcome(
+                        False,
+                        "Your role requires a passkey or security key: use it to confirm.",
+                        reason="code",
+                    )
                 if not code:
                     return StepUpOutcome(
                         False,
-                        "Enter a current verification code from your app.",
+                        "Enter a current verification code from your app."
+                        if user.totp_secret is not None
+                        else "Use your security key to confirm it is you.",
                         reason="code_missing",
                     )
                 outcome = self.checker.check(
