@@ -79,10 +79,10 @@ def test_a_code_used_twice_says_wait_for_the_next_one(app: Flask, clock: Stepped
     # A wrong code keeps the spec's message.
     wrong = login_with_mfa(app.test_client(), "alice", "000000" if code != "000000" else "111111")
     assert errors.INVALID_CODE in main_text(wrong)
-    # The seed API answers the replay with the new message too (only that case).
+    # The seed API keeps the specification's message word for word.
     assert app.auth_manager.verify_mfa_code(user.id, code) == (  # type: ignore[attr-defined]
         False,
-        errors.CODE_JUST_USED,
+        errors.INVALID_CODE,
     )
 
 
@@ -97,12 +97,14 @@ def test_a_pending_sign_in_times_out_after_5_minutes_keeping_the_name(
     clock.advance(minutes=5, seconds=1)
     gone = client.get("/auth/mfa/verify")
     assert gone.status_code == 302 and gone.headers["Location"].endswith("/auth/login")
-    landed = client.get("/auth/login")
-    assert "Sign-in timed out after 5 minutes. Please sign in again." in main_text(landed)
-    assert "Please sign in first" not in main_text(landed)
     with client.session_transaction() as kept:
         assert kept.get("signin_username") == "alice"
         assert "sid" not in kept and "pending_user" not in kept
+    landed = client.get("/auth/login")
+    assert "Sign-in timed out after 5 minutes. Please sign in again." in main_text(landed)
+    assert "Please sign in first" not in main_text(landed)
+    refilled = page(landed).find(id="username")
+    assert isinstance(refilled, Tag) and refilled.get("value") == "alice"
 
 
 def test_a_timed_out_sign_in_on_another_page_says_so_too(app: Flask, clock: SteppedClock) -> None:
@@ -385,3 +387,31 @@ def test_setting_up_a_new_phone_keeps_the_backup_codes_out_of_the_steps(
         "Add to your app"
     )
     assert "backup codes" not in html.find(id="verify-title").find_parent("section").get_text()
+
+
+# -- the sign-in and verify pages ---------------------------------------------------------------
+def test_verify_page_names_the_account_and_offers_a_backup_code_field(
+    app: Flask, clock: SteppedClock
+) -> None:
+    user = create_user(app)
+    _secret, codes = enable_mfa(app, user.id, at=clock())
+    client = app.test_client()
+    login(client, "alice")
+    html = page(client.get("/auth/mfa/verify"))
+    assert "Signing in as alice" in html.get_text(" ", strip=True)
+    code = html.find(id="code")
+    assert isinstance(code, Tag) and code.get("inputmode") == "numeric"
+    switch = html.find(id="use-backup-code")
+    assert isinstance(switch, Tag)
+    backup = page(client.get(str(switch["href"])))
+    field = backup.find(id="code")
+    assert isinstance(field, Tag) and field.get("inputmode") == "text"
+    assert "backup codes" in backup.get_text(" ", strip=True)
+    done = client.post(str(switch["href"]), data={"code": codes[0]})
+    assert done.status_code == 302
+
+
+def test_wrong_password_is_shown_inside_the_card_next_to_the_field(app: Flask) -> None:
+    create_user(app)
+    response = login(app.test_client(), "alice", "not the right password")
+    _invalid(page(response), "password", errors.INVALID_CREDENTIALS)

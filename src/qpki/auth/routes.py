@@ -41,6 +41,7 @@ from qpki.auth.services.code_check import LOW_BACKUP_CODES
 from qpki.auth.services.factors import SetupInfo
 from qpki.web.client import client, set_device_cookie
 from qpki.web.limits import LOGIN_LIMIT, REGENERATE_LIMIT, SETUP_LIMIT, VERIFY_LIMIT, per_address
+from qpki.web.notices import mfa_off_message
 from qpki.web.remember import remember_cookie, set_remember_cookie
 from qpki.web.security import is_safe_next
 from qpki.web.services import services
@@ -51,6 +52,7 @@ from qpki.web.session_auth import (
     pending_session_row,
     session_token,
     start_session,
+    take_signin_username,
 )
 from qpki.web.step_up import step_up_required
 
@@ -80,6 +82,7 @@ def login() -> Page:
     form = LoginForm()
     if request.method == "GET":
         form.next.data = request.args.get("next", "")
+        form.username.data = take_signin_username() or None  # kept after a timed-out sign-in
     if not form.validate_on_submit():
         status = 400 if request.method == "POST" else 200
         return render_template("auth/login.html", form=form), status
@@ -121,11 +124,18 @@ def mfa_verify() -> Page:
     form = VerifyForm()
     pending = pending_session_row()
     remember_days = services().policy.remember_days_for(pending.user_id) if pending else 0
+    account = services().accounts.get_user(user_id=pending.user_id) if pending else None
+    page = {
+        "form": form,
+        "remember_days": remember_days,
+        "username": account.username if account else "",
+        "backup_mode": request.values.get("backup") == "1",
+    }
     if not form.validate_on_submit():
         form.code.data = ""
-        return render_template(
-            "auth/mfa_verify.html", form=form, remember_days=remember_days
-        ), (400 if request.method == "POST" else 200)
+        return render_template("auth/mfa_verify.html", **page), (
+            400 if request.method == "POST" else 200
+        )
     result = services().signin.complete_second_step(
         token,
         form.code.data,
@@ -137,7 +147,7 @@ def mfa_verify() -> Page:
         flash(result.message, "error")
         status = 429 if result.retry_at else 403 if result.locked else 200
         return (
-            render_template("auth/mfa_verify.html", form=form, remember_days=remember_days),
+            render_template("auth/mfa_verify.html", **page),
             status,
             _retry_headers(result.retry_at),
         )
@@ -322,9 +332,7 @@ def forget_remembered_device(device_id: int) -> Response:
 def forget_remembered_devices() -> Response:
     if PostForm().validate_on_submit():
         forgotten = services().remembered_devices.forget(current_user, current_user.id)
-        flash(
-            f"Forgot {forgotten} remembered device{'s' if forgotten != 1 else ''}.", "success"
-        )
+        flash(f"Forgot {forgotten} remembered device{'s' if forgotten != 1 else ''}.", "success")
     return redirect(url_for("auth.profile"))
 
 
@@ -394,13 +402,8 @@ def mfa_setup_start() -> Response:
 
 
 def _codes_page(codes: list[str], *, first_time: bool) -> Response:
-    text = "\n".join(
-        [f"{current_user.username} — qPKI backup codes", "Each code works once.", "", *codes, ""]
-    )
     response = make_response(
-        render_template(
-            "auth/backup_codes_new.html", codes=codes, first_time=first_time, download_text=text
-        )
+        render_template("auth/backup_codes_new.html", codes=codes, first_time=first_time)
     )
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -411,7 +414,7 @@ def _codes_page(codes: list[str], *, first_time: bool) -> Response:
 @login_required
 def backup_codes() -> Page:
     if not current_user.two_factor_enabled:
-        flash("MFA not enabled", "info")
+        flash(mfa_off_message(current_user), "info")
         return redirect(url_for("auth.profile"))
     try:
         info = services().factors.backup_codes_info(current_user.id)
