@@ -514,6 +514,7 @@ def test_a_ceremony_begun_on_one_instance_finishes_on_another(
 
 
 # -- the command line ---------------------------------------------------------------------------
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the service above runs on both
 def test_cli_mfa_status_lists_keys(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, db_url: str
 ) -> None:
@@ -523,8 +524,6 @@ def test_cli_mfa_status_lists_keys(
     from qpki.cli import main
     from qpki.config import Settings
 
-    if not db_url.startswith("sqlite"):
-        pytest.skip("the command line is exercised on SQLite; the service above on both")
     monkeypatch.setenv("QPKI_DATA_DIR", str(tmp_path / "cli-data"))
     monkeypatch.delenv("QPKI_DATABASE_URL", raising=False)
     monkeypatch.delenv("QPKI_MFA_KEY", raising=False)
