@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
@@ -40,6 +42,8 @@ from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
+
+T = TypeVar("T")
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{2,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}\.[^@\s]{1,60}$")
@@ -195,36 +199,35 @@ class AccountService:
         if problems:
             raise ValidationFailed(" ".join(problems.values()), fields=problems)
         password_hash = self.passwords.hash(password)
-        with self.db.transaction() as s:
-            denied = self._denied(s, actor, None, "create_user", now)
-            if denied is None:
-                key = account_key(username)
-                if s.scalar(select(User.id).where(User.username_key == key)) is not None:
-                    raise ValidationFailed("A user with this username already exists.")
-                user = User(
-                    username=username,
-                    username_key=key,
-                    email=email,
-                    password_hash=password_hash,
-                    role=role,
-                    is_active=True,
-                    must_change_password=must_change_password,
-                    created_at=now,
-                )
-                s.add(user)
-                s.flush()
-                self.audit.record(
-                    s,
-                    AuditEvent.USER_CREATED,
-                    **actor_fields(actor, actor_name),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={"role": role},
-                    at=now,
-                )
-        if denied is not None:
-            raise PermissionDenied(denied)
-        return user
+
+        def create(s: Session) -> User:
+            key = account_key(username)
+            if s.scalar(select(User.id).where(User.username_key == key)) is not None:
+                raise ValidationFailed("A user with this username already exists.")
+            user = User(
+                username=username,
+                username_key=key,
+                email=email,
+                password_hash=password_hash,
+                role=role,
+                is_active=True,
+                must_change_password=must_change_password,
+                created_at=now,
+            )
+            s.add(user)
+            s.flush()
+            self.audit.record(
+                s,
+                AuditEvent.USER_CREATED,
+                **actor_fields(actor, actor_name),
+                target_user_id=user.id,
+                target_name=user.username,
+                details={"role": role},
+                at=now,
+            )
+            return user
+
+        return self._as_admin(actor, None, "create_user", now, create)
 
     def set_role(
         self, actor: User | None, user_id: int, role: str, *, actor_name: str = ""
@@ -237,24 +240,23 @@ class AccountService:
             raise ValidationFailed("Role must be admin, operator or viewer.")
         if actor is not None and actor.id == user_id and role != Role.ADMIN.value:
             raise ValidationFailed("You cannot remove your own admin role.")
-        with self.db.transaction() as s:
-            denied = self._denied(s, actor, user_id, "set_role", now)
-            if denied is None:
-                user = load_user(s, user_id)
-                old = user.role
-                user.role = role
-                self.audit.record(
-                    s,
-                    AuditEvent.USER_CHANGED,
-                    **actor_fields(actor, actor_name),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={"role": {"from": old, "to": role}},
-                    at=now,
-                )
-        if denied is not None:
-            raise PermissionDenied(denied)
-        return user
+
+        def change(s: Session) -> User:
+            user = load_user(s, user_id)
+            old = user.role
+            user.role = role
+            self.audit.record(
+                s,
+                AuditEvent.USER_CHANGED,
+                **actor_fields(actor, actor_name),
+                target_user_id=user.id,
+                target_name=user.username,
+                details={"role": {"from": old, "to": role}},
+                at=now,
+            )
+            return user
+
+        return self._as_admin(actor, user_id, "set_role", now, change)
 
     def set_active(
         self, actor: User | None, user_id: int, active: bool, *, actor_name: str = ""
@@ -263,24 +265,23 @@ class AccountService:
         now = self.clock()
         if actor is not None and actor.id == user_id and not active:
             raise ValidationFailed("You cannot deactivate your own account.")
-        with self.db.transaction() as s:
-            denied = self._denied(s, actor, user_id, "set_active", now)
-            if denied is None:
-                user = load_user(s, user_id)
-                user.is_active = active
-                ended = 0 if active else self.sessions.end_all(s, user.id, "deactivated", now)
-                self.audit.record(
-                    s,
-                    AuditEvent.USER_REACTIVATED if active else AuditEvent.USER_DEACTIVATED,
-                    **actor_fields(actor, actor_name),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={"sessions_ended": ended},
-                    at=now,
-                )
-        if denied is not None:
-            raise PermissionDenied(denied)
-        return user
+
+        def switch(s: Session) -> User:
+            user = load_user(s, user_id)
+            user.is_active = active
+            ended = 0 if active else self.sessions.end_all(s, user.id, "deactivated", now)
+            self.audit.record(
+                s,
+                AuditEvent.USER_REACTIVATED if active else AuditEvent.USER_DEACTIVATED,
+                **actor_fields(actor, actor_name),
+                target_user_id=user.id,
+                target_name=user.username,
+                details={"sessions_ended": ended},
+                at=now,
+            )
+            return user
+
+        return self._as_admin(actor, user_id, "set_active", now, switch)
 
     @staticmethod
     def generate_temporary_password() -> str:
@@ -297,70 +298,76 @@ class AccountService:
         now = self.clock()
         temporary = self.generate_temporary_password()
         new_hash = self.passwords.hash(temporary)
-        with self.db.transaction() as s:
-            denied = self._denied(s, actor, user_id, "password_reset", now)
-            if denied is None:
-                user = load_user(s, user_id)
-                user.password_hash = new_hash
-                user.must_change_password = True
-                user.password_changed_at = now
-                ended = self.sessions.end_all(s, user.id, "password_reset", now)
-                self.audit.record(
-                    s,
-                    AuditEvent.PASSWORD_RESET,
-                    **actor_fields(actor, actor_name),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={
-                        "sessions_ended": ended,
-                        "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
-                    },
-                    at=now,
-                )
-                self.notifier.security_alert(
-                    s,
-                    user,
-                    Alert.PASSWORD_RESET,
-                    at=now,
-                    admin_name=actor.username if actor is not None else actor_name or "cli",
-                )
-        if denied is not None:
-            raise PermissionDenied(denied)
+
+        def reset(s: Session) -> None:
+            user = load_user(s, user_id)
+            user.password_hash = new_hash
+            user.must_change_password = True
+            user.password_changed_at = now
+            ended = self.sessions.end_all(s, user.id, "password_reset", now)
+            self.audit.record(
+                s,
+                AuditEvent.PASSWORD_RESET,
+                **actor_fields(actor, actor_name),
+                target_user_id=user.id,
+                target_name=user.username,
+                details={
+                    "sessions_ended": ended,
+                    "remembered_devices_forgotten": remembered_devices.forget_all(s, user.id),
+                },
+                at=now,
+            )
+            self.notifier.security_alert(
+                s,
+                user,
+                Alert.PASSWORD_RESET,
+                at=now,
+                admin_name=actor.username if actor is not None else actor_name or "cli",
+            )
+
+        self._as_admin(actor, user_id, "password_reset", now, reset)
         return temporary
 
     def unlock_user(self, actor: User | None, user_id: int, *, actor_name: str = "") -> bool:
         """Lift the lock or back-off on an account and its devices; True if there was any."""
         now = self.clock()
-        with self.db.transaction() as s:
-            denied = self._denied(s, actor, user_id, "unlock", now)
-            lifted = False
-            if denied is None:
-                user = load_user(s, user_id)
-                lifted = self.gate.store.unlock(s, self.devices.throttle_keys_of(s, user))
-                self.audit.record(
-                    s,
-                    AuditEvent.ACCOUNT_UNLOCKED,
-                    **actor_fields(actor, actor_name),
-                    target_user_id=user.id,
-                    target_name=user.username,
-                    details={"was_locked": lifted},
-                    at=now,
-                )
-        if denied is not None:
-            raise PermissionDenied(denied)
-        return lifted
 
-    def _denied(
-        self, s: Session, actor: User | None, target: int | None, action: str, now: datetime
-    ) -> str | None:
-        """An administrator's refusal, audited in this transaction; ``None`` when allowed.
+        def unlock(s: Session) -> bool:
+            user = load_user(s, user_id)
+            lifted = self.gate.store.unlock(s, self.devices.throttle_keys_of(s, user))
+            self.audit.record(
+                s,
+                AuditEvent.ACCOUNT_UNLOCKED,
+                **actor_fields(actor, actor_name),
+                target_user_id=user.id,
+                target_name=user.username,
+                details={"was_locked": lifted},
+                at=now,
+            )
+            return lifted
 
-        ``actor=None`` is the command line, run by whoever holds the server.
+        return self._as_admin(actor, user_id, "unlock", now, unlock)
+
+    def _as_admin(
+        self,
+        actor: User | None,
+        target: int | None,
+        action: str,
+        now: datetime,
+        work: Callable[[Session], T],
+    ) -> T:
+        """Run an administrator's use case in one transaction, or refuse it.
+
+        A refusal (not an admin, or an admin without 2FA acting on another account) is
+        audited in the transaction and raised only after it committed. ``actor=None`` is a
+        non-user actor (the command line, an API key), already authorised by its own means.
         """
-        if actor is None:
-            return None
-        denied = admin_denial(s, actor, target if target is not None else -1)
-        if denied is not None:
+        with self.db.transaction() as s:
+            denied = None
+            if actor is not None:
+                denied = admin_denial(s, actor, target if target is not None else -1)
+            if denied is None:
+                return work(s)
             self.audit.record(
                 s,
                 AuditEvent.ACCESS_DENIED,
@@ -370,7 +377,7 @@ class AccountService:
                 details={"action": action, "reason": denied},
                 at=now,
             )
-        return denied
+        raise PermissionDenied(denied)
 
     # -- one's own password -------------------------------------------------------------------
     def change_password(
