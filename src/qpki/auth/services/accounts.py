@@ -18,8 +18,6 @@ from sqlalchemy.orm import Session
 from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
 from qpki.auth.errors import (
-    AccountLocked,
-    AccountThrottled,
     PermissionDenied,
     ValidationFailed,
 )
@@ -32,6 +30,7 @@ from qpki.auth.services.common import (
     actor_fields,
     audit_own,
     load_user,
+    refusal_error,
     refusal_for,
 )
 from qpki.auth.services.devices import KnownDevices
@@ -414,10 +413,7 @@ class AccountService:
                     details={"reason": "throttled"},
                 )
         if not reservation.granted:
-            if refusal.locked:
-                raise AccountLocked()
-            assert refusal.retry_at is not None
-            raise AccountThrottled(refusal.message, refusal.retry_at)
+            raise refusal_error(refusal)
         if not self.passwords.verify(user.password_hash, current_password):
             with self.db.transaction() as s:
                 audit_own(

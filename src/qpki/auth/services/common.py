@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
-from qpki.auth.errors import NotFound
+from qpki.auth.errors import AccountLocked, AccountThrottled, AuthError, NotFound
 from qpki.auth.models import User
 from qpki.auth.throttle import HARD_LOCK_FAILURES, ThrottleState, humanise
 from qpki.auth.throttle_store import AccountThrottle, Reservation
@@ -80,6 +80,13 @@ def refusal_for(state: ThrottleState, now: datetime) -> Refusal:
         return Refusal(errors.LOCKED, None, True)
     until = state.blocked_until(now) or now
     return Refusal(f"Too many failed attempts. Try again in {humanise(until - now)}.", until, False)
+
+
+def refusal_error(refusal: Refusal) -> AuthError:
+    """The exception of the raising APIs for a refused attempt (raised after the commit)."""
+    if refusal.locked:
+        return AccountLocked()
+    return AccountThrottled(refusal.message, refusal.retry_at or datetime.now(UTC))
 
 
 class ThrottleGate:

@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
 from qpki.auth import errors
-from qpki.auth.errors import AccountLocked, AccountThrottled, InvalidCredentials
+from qpki.auth.errors import InvalidCredentials
 from qpki.auth.models import User
 from qpki.auth.passwords import Passwords
 from qpki.auth.services import remembered_devices
 from qpki.auth.services.code_check import CodeChecker, CodeOutcome
-from qpki.auth.services.common import Client, ThrottleGate, audit_own, refusal_for
+from qpki.auth.services.common import Client, ThrottleGate, audit_own, refusal_error, refusal_for
 from qpki.auth.services.devices import KnownDevices
 from qpki.auth.services.policy import NEW_DEVICE_METHOD, PolicyService
 from qpki.auth.services.remembered_devices import DeviceCheck
@@ -143,10 +143,7 @@ class SignInService:
                     at=now,
                 )
         if not reservation.granted:
-            if refusal.locked:
-                raise AccountLocked()
-            assert refusal.retry_at is not None
-            raise AccountThrottled(refusal.message, refusal.retry_at)
+            raise refusal_error(refusal)
         ok = self.passwords.verify(user.password_hash if user else None, password)
         if not (ok and user is not None and user.is_active):
             reason = "unknown_user" if user is None else "bad_password" if not ok else "inactive"
@@ -317,9 +314,7 @@ class SignInService:
             remember_cookie=remember_cookie,
         )
 
-    def remember_device(
-        self, s: Session, user: User, now: datetime, client: Client
-    ) -> str | None:
+    def remember_device(self, s: Session, user: User, now: datetime, client: Client) -> str | None:
         """After a second factor: remember this browser if the role's policy allows it
         (audited); the cookie value, or ``None`` when not allowed."""
         days = self.policy.remember_days_in(s, user)
