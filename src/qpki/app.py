@@ -30,6 +30,7 @@ from qpki.logging_setup import configure_logging
 from qpki.mail.setup import build_mail, install_mail
 from qpki.web.converters import install_url_converters
 from qpki.web.errors import install_error_handlers
+from qpki.web.event_text import describe_event, device_in_words
 from qpki.web.health import ENDPOINTS as HEALTH_ENDPOINTS
 from qpki.web.limits import limiter, storage_uri
 from qpki.web.security import install_security_headers
@@ -239,6 +240,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
 
     @app.context_processor
     def _template_globals() -> dict[str, object]:
-        return {"issuer": settings.issuer}
+        return {
+            "issuer": settings.issuer,
+            "describe_event": describe_event,
+            "device_in_words": device_in_words,
+        }
 
     return app

@@ -415,3 +415,43 @@ def test_wrong_password_is_shown_inside_the_card_next_to_the_field(app: Flask) -
     create_user(app)
     response = login(app.test_client(), "alice", "not the right password")
     _invalid(page(response), "password", errors.INVALID_CREDENTIALS)
+
+
+def test_account_page_says_devices_and_events_in_words(app: Flask, clock: SteppedClock) -> None:
+    """Sessions name the browser ("Chrome 120 on Linux"), the admin's own events name the
+    other person ("You reset ... for vera"), and success is not repeated as a badge."""
+    admin, _admin_user, _secret = admin_client(app, clock=clock)
+    vera = create_user(app, "vera")
+    enable_mfa(app, vera.id, at=clock())
+    chrome = (
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/120.0.0.0 Safari/537.36"
+    )
+    browser = app.test_client()
+    browser.post(
+        "/auth/login",
+        data={"username": "vera", "password": PASSWORD},
+        headers={"User-Agent": chrome},
+    )
+    done = admin.post(
+        f"/admin/users/{vera.id}/mfa/disable",
+        data={"reason": "lost phone, identity checked", "confirm": "y"},
+    )
+    assert done.status_code == 302
+    account = page(admin.get("/auth/profile"))
+    events = account.select(".event-list li")
+    texts = [li.get_text(" ", strip=True) for li in events]
+    assert any("You reset two-factor authentication for vera" in t for t in texts), texts
+    assert not any("Success" in t for t in texts), texts
+    assert not any("password accepted" in t.lower() for t in texts), texts
+    vera_browser = app.test_client()
+    vera_browser.post(
+        "/auth/login",
+        data={"username": "vera", "password": PASSWORD},
+        headers={"User-Agent": chrome},
+    )
+    vera_page = page(vera_browser.get("/auth/profile", headers={"User-Agent": chrome}))
+    device = vera_page.select_one("td.ua")
+    assert device is not None and device.get_text(strip=True) == "Chrome 120 on Linux"
+    vera_events = [li.get_text(" ", strip=True) for li in vera_page.select(".event-list li")]
+    assert any("reset by root-admin" in t for t in vera_events), vera_events
