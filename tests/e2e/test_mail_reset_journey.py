@@ -4,7 +4,6 @@ in Chromium, against `qpki run` (whose background thread delivers the mail)."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,15 @@ import pyotp
 import pytest
 from playwright.sync_api import expect
 
-from harness.services import LOOPBACK, AppServer, SmtpSink, app_server, free_port, smtp_sink
+from harness.services import (
+    LOOPBACK,
+    AppServer,
+    SmtpSink,
+    app_server,
+    free_port,
+    smtp_sink,
+    wait_until,
+)
 
 # As in conftest.ISOLATED_ENV: nothing is taken from the environment of the test run.
 ISOLATED_ENV = {
@@ -61,13 +68,14 @@ NEW_PASSWORD = "a fresh passphrase from the mail"
 
 def _mail(sink: SmtpSink, subject: str, timeout: float = 20.0) -> Any:
     """The first received mail with ``subject`` (the app's thread sends it after the commit)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for message in list(sink.messages):
-            if message["Subject"] == subject:
-                return message
-        time.sleep(0.1)
-    raise AssertionError(f"no mail {subject!r}; got {[m['Subject'] for m in sink.messages]}")
+    found: list[Any] = []
+
+    def arrived() -> bool:
+        found[:] = [m for m in list(sink.messages) if m["Subject"] == subject]
+        return bool(found)
+
+    wait_until(arrived, timeout=timeout, what=f"a mail {subject!r}")
+    return found[0]
 
 
 @pytest.fixture

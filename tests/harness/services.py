@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -857,6 +857,18 @@ class SmtpSink:
                 raise AssertionError(f"expected {count} mails, got {len(self.messages)}")
             time.sleep(0.05)
         return list(self.messages)
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "the condition"
+) -> None:
+    """Poll ``condition`` until it holds: for work in another thread or process, which no
+    injected clock can step. Never used to dodge a TOTP step edge."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
 
 
 @contextmanager

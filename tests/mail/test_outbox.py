@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from flask import Flask
 from sqlalchemy import select
 
-from harness.services import SmtpSink
+from harness.services import SmtpSink, wait_until
 from helpers import create_user
 from qpki.auth.models import User
 from qpki.clock import SteppedClock
@@ -147,10 +147,8 @@ def test_the_background_thread_sends_after_commit_and_then_stops(
     _queue(app, mail)  # returns as soon as the transaction commits
     assert time.monotonic() - started < 1.0
     assert len(sink.wait_for(1, timeout=10)) == 1
-    deadline = time.monotonic() + 10
-    while mail.dispatcher._thread is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert mail.dispatcher._thread is None  # nothing pending: the thread has ended
+    # nothing pending: the thread ends by itself
+    wait_until(lambda: mail.dispatcher._thread is None, what="the sender thread to end")
     _queue(app, mail)  # and a new commit starts it again
     assert len(sink.wait_for(2, timeout=10)) == 2
 
@@ -191,7 +189,7 @@ def test_mail_status_and_retry_commands(
 
 
 _DRAIN = """
-import json, pathlib, sys, time
+import json, pathlib, sys
 from qpki.clock import system_clock
 from qpki.db.manager import DatabaseManager
 from qpki.mail.outbox import OutboxSender
@@ -199,13 +197,12 @@ from qpki.mail.render import MailRenderer
 from qpki.mail.smtp_url import parse_smtp_url
 from qpki.mail.transport import SmtpTransport
 
-db_url, smtp_url, ready, go = sys.argv[1:5]
+db_url, smtp_url, ready = sys.argv[1:4]
 db = DatabaseManager(db_url)
 sender = OutboxSender(db, SmtpTransport(parse_smtp_url(smtp_url)), MailRenderer("qPKI"),
                       system_clock, sender="qPKI <qpki@example.org>")
 pathlib.Path(ready).touch()
-while not pathlib.Path(go).exists():
-    time.sleep(0.002)
+sys.stdin.readline()  # blocks until the test says go: both senders start together
 total = {"sent": 0, "lost_races": 0, "retrying": 0, "failed": 0}
 while True:
     report = sender.deliver_due(limit=5)
@@ -226,25 +223,29 @@ def test_two_processes_draining_one_outbox_send_each_mail_once(
     create_user(app, "alice")
     _queue(app, mail, count=count)
     sink.delay = 0.01  # each mail takes a while, so the two senders overlap
-    go = tmp_path / "go"
     procs, ready = [], []
     for n in range(2):
         flag = tmp_path / f"ready-{n}"
         ready.append(flag)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", _DRAIN, db_url, sink.url, str(flag), str(go)],
+                [sys.executable, "-c", _DRAIN, db_url, sink.url, str(flag)],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
         )
-    deadline = time.monotonic() + 60
-    while not all(f.exists() for f in ready):
-        assert time.monotonic() < deadline, "senders did not start"
+
+    def started() -> bool:
         assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        time.sleep(0.01)
-    go.touch()
+        return all(f.exists() for f in ready)
+
+    wait_until(started, timeout=60, what="the senders to start")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     totals = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -253,8 +254,7 @@ def test_two_processes_draining_one_outbox_send_each_mail_once(
     assert sum(t["sent"] for t in totals) == count
     assert all(t["sent"] > 0 for t in totals), totals  # both really took part
     assert sum(t["retrying"] + t["failed"] for t in totals) == 0
-    messages = sink.wait_for(count)
-    time.sleep(0.2)
+    messages = sink.wait_for(count)  # both senders have exited: nothing more can arrive
     assert len(sink.messages) == count  # nothing sent twice
     ids = {m["Message-ID"].split(".qpki-")[1] for m in messages}
     assert len(ids) == count
