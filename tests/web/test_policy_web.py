@@ -415,7 +415,7 @@ def test_new_device_sign_in_is_audited_and_listed(capp: Flask) -> None:
     login(other, "vera")  # a second browser: no device cookie
     found = events(capp, "new_device_sign_in")
     assert len(found) == 1 and found[0].target_name == "vera"
-    assert "New device sign in" in text_of(other.get("/auth/profile"))
+    assert "Signed in from a new browser" in text_of(other.get("/auth/profile"))
     login(first, "vera")  # the first browser again: known
     assert len(events(capp, "new_device_sign_in")) == 1
 
