@@ -93,4 +93,3 @@ class SecretUnavailable(AuthError):
 
     def __init__(self) -> None:
         super().__init__(SECRET_UNREADABLE)
-
