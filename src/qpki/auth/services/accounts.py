@@ -1,6 +1,6 @@
 """Accounts and passwords: creating users, roles, (de)activation, password changes and
 resets, unlocking. Administrator actions on other accounts need the administrator's own
-second factor (see ``admin_denial``); a refusal is audited and committed before it is raised.
+second factor (see ``admin_rule``); a refusal is audited and committed before it is raised.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from qpki.auth.errors import (
 from qpki.auth.models import LoginThrottle, Role, User
 from qpki.auth.passwords import PasswordPolicyError, Passwords, check_password_policy
 from qpki.auth.services import remembered_devices
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.common import (
     Client,
     ThrottleGate,
@@ -34,7 +35,6 @@ from qpki.auth.services.common import (
     refusal_for,
 )
 from qpki.auth.services.devices import KnownDevices
-from qpki.auth.services.factors import admin_denial
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
@@ -362,20 +362,9 @@ class AccountService:
         non-user actor (the command line, an API key), already authorised by its own means.
         """
         with self.db.transaction() as s:
-            denied = None
-            if actor is not None:
-                denied = admin_denial(s, actor, target if target is not None else -1)
+            denied = refused_as_admin(s, self.audit, actor, target, action, now)
             if denied is None:
                 return work(s)
-            self.audit.record(
-                s,
-                AuditEvent.ACCESS_DENIED,
-                Outcome.FAILURE,
-                **actor_fields(actor),
-                target_user_id=target,
-                details={"action": action, "reason": denied},
-                at=now,
-            )
         raise PermissionDenied(denied)
 
     # -- one's own password -------------------------------------------------------------------

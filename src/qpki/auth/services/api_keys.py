@@ -31,12 +31,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qpki.api.models import ApiKey
-from qpki.audit.events import AuditEvent, Outcome
+from qpki.audit.events import AuditEvent
 from qpki.audit.log import AuditLog
 from qpki.auth.errors import NotFound, PermissionDenied, ValidationFailed
 from qpki.auth.models import User
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.common import actor_fields
-from qpki.auth.services.factors import admin_denial
 from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
 
@@ -242,19 +242,7 @@ class ApiKeyService:
 
     def _denied(self, s: Session, actor: User | None, action: str, now: datetime) -> str | None:
         """An administrator without their own 2FA may not hand out keys (audited refusal)."""
-        if actor is None:
-            return None
-        denied = admin_denial(s, actor, None)
-        if denied is not None:
-            self.audit.record(
-                s,
-                AuditEvent.ACCESS_DENIED,
-                Outcome.FAILURE,
-                **actor_fields(actor),
-                details={"action": action, "reason": denied},
-                at=now,
-            )
-        return denied
+        return refused_as_admin(s, self.audit, actor, None, action, now)
 
     # -- requests -----------------------------------------------------------------------------
     def authenticate(self, presented: str | None) -> ApiPrincipal | None:

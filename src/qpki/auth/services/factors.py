@@ -23,6 +23,7 @@ from qpki.auth.errors import MFAError, PermissionDenied, SecretUnavailable, Vali
 from qpki.auth.mfa import MFAManager
 from qpki.auth.models import MFASetupSession, User
 from qpki.auth.services import remembered_devices
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.code_check import (
     LOW_BACKUP_CODES,
     backup_entries,
@@ -383,18 +384,8 @@ class FactorService:
                 "Confirm that you have verified this person's identity by other means."
             )
         with self.db.transaction() as s:
-            denied = admin_denial(s, actor, user_id) if actor is not None else None
-            if denied is not None:
-                self.audit.record(
-                    s,
-                    AuditEvent.ACCESS_DENIED,
-                    Outcome.FAILURE,
-                    **actor_fields(actor),
-                    target_user_id=user_id,
-                    details={"action": "mfa_admin_disable", "reason": denied},
-                    at=now,
-                )
-            else:
+            denied = refused_as_admin(s, self.audit, actor, user_id, "mfa_admin_disable", now)
+            if denied is None:
                 user = load_user(s, user_id)
                 if not user.two_factor_enabled:
                     raise MFAError(errors.MFA_NOT_ENABLED)
@@ -446,20 +437,6 @@ class FactorService:
             qr_png=self.mfa.qr_png(uri),
             expires_at=expires,
         )
-
-
-def admin_denial(s: Session, actor: User, target_user_id: int | None) -> str | None:
-    """Why ``actor`` may not act on another account, or ``None`` when they may.
-
-    An administrator acts on other accounts only with a second factor of their own: one
-    phished admin password must not hand over every account.
-    """
-    current = s.get(User, actor.id)
-    if current is None or not current.is_active or not current.is_admin:
-        return "Only administrators can do this."
-    if target_user_id != actor.id and not current.two_factor_enabled:
-        return errors.ADMIN_NEEDS_2FA
-    return None
 
 
 def issue_backup_codes(mfa: MFAManager, user: User) -> list[str]:

@@ -27,7 +27,7 @@ from qpki.auth.errors import AuthError, NotFound, PermissionDenied, ValidationFa
 from qpki.auth.models import KnownDevice, User
 from qpki.auth.passwords import PasswordPolicyError, Passwords, check_password_policy
 from qpki.auth.services import remembered_devices
-from qpki.auth.services.factors import admin_denial
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
@@ -232,8 +232,8 @@ class PasswordResetService:
         user's current password keeps working until the link is used.
         """
         now = self.clock()
-        with self.db.transaction(write=False) as s:
-            denied = admin_denial(s, admin, user_id) if admin is not None else None
+        with self.db.transaction() as s:  # a refusal is audited like every admin refusal
+            denied = refused_as_admin(s, self.audit, admin, user_id, "password_reset_link", now)
         if denied is not None:
             raise PermissionDenied(denied)
         with self.db.transaction() as s:

@@ -351,7 +351,7 @@ class PolicyService:
         An administrator cannot require for their own role what they do not have themself.
         Remembered devices that the new policy no longer allows are forgotten.
         """
-        from qpki.auth.services.factors import admin_denial
+        from qpki.auth.services.admin_rule import admin_denial
 
         now = now or self.clock()
         if role not in DEFAULT_POLICIES:

@@ -29,6 +29,7 @@ from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
 from qpki.auth.errors import PermissionDenied
 from qpki.auth.models import User
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.common import actor_fields, audit_own, load_user
 from qpki.clock import Clock
 from qpki.db.base import affected_rows
@@ -244,26 +245,15 @@ class RememberedDeviceService:
         A user forgets their own; an administrator (with their own 2FA) anyone's; the command
         line (``actor=None``) anyone's. A refusal is audited and committed, then raised.
         """
-        # Imported here: factors.py uses this module's forget_all inside its own use cases.
-        from qpki.auth.services.factors import admin_denial
-
         now = now or self.clock()
         denied: str | None = None
         forgotten = 0
         with self.db.transaction() as s:
             if actor is not None and actor.id != user_id:
-                denied = admin_denial(s, actor, user_id)
-            if denied is not None:
-                self.audit.record(
-                    s,
-                    AuditEvent.ACCESS_DENIED,
-                    Outcome.FAILURE,
-                    **actor_fields(actor),
-                    target_user_id=user_id,
-                    details={"action": "forget_remembered_device", "reason": denied},
-                    at=now,
+                denied = refused_as_admin(
+                    s, self.audit, actor, user_id, "forget_remembered_device", now
                 )
-            else:
+            if denied is None:
                 user = load_user(s, user_id)
                 stmt = delete(RememberedDevice).where(RememberedDevice.user_id == user_id)
                 if device_id is not None:

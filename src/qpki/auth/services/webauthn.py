@@ -33,6 +33,7 @@ from qpki.auth import errors
 from qpki.auth.errors import AuthError, PermissionDenied
 from qpki.auth.mfa import MFAManager
 from qpki.auth.models import User, UserSession
+from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.common import (
     Client,
     ThrottleGate,
@@ -44,7 +45,6 @@ from qpki.auth.services.common import (
 from qpki.auth.services.devices import KnownDevices
 from qpki.auth.services.factors import (
     FACTOR_REQUIRED,
-    admin_denial,
     clear_factors,
     issue_backup_codes,
 )
@@ -520,18 +520,8 @@ class WebAuthnService:
         the user's last second factor, 2FA goes off as with the emergency reset."""
         now = now or self.clock()
         with self.db.transaction() as s:
-            denied = admin_denial(s, actor, user_id)
-            if denied is not None:
-                self.audit.record(
-                    s,
-                    AuditEvent.ACCESS_DENIED,
-                    Outcome.FAILURE,
-                    **actor_fields(actor),
-                    target_user_id=user_id,
-                    details={"action": "webauthn_admin_remove", "reason": denied},
-                    at=now,
-                )
-            else:
+            denied = refused_as_admin(s, self.audit, actor, user_id, "webauthn_admin_remove", now)
+            if denied is None:
                 user = load_user(s, user_id)
                 key = self._own_key(s, user_id, key_id)
                 name = key.name
