@@ -142,7 +142,8 @@ class CodeChecker:
                 "replay": errors.CODE_JUST_USED,
             }.get(reason, errors.INVALID_CODE)
             return CodeOutcome(False, message, method=method)
-        self.gate.store.reset(s, throttle_key)
+        # A success is settled by the caller (it clears the count once: a sign-in when it
+        # opens the session, a verification or step-up when it is done).
         self._record(
             s,
             AuditEvent.MFA_VERIFY_SUCCESS,

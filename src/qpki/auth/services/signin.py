@@ -355,14 +355,13 @@ class SignInService:
                 return CodeOutcome(False, errors.MFA_NOT_ENABLED)
             if active_only and not user.is_active:
                 return CodeOutcome(False, ACCOUNT_INACTIVE)
-            return self.checker.check(
-                s,
-                user,
-                code,
-                now,
-                throttle_key=throttle_key or user.username_key,
-                actor_name=actor_name,
+            key = throttle_key or user.username_key
+            outcome = self.checker.check(
+                s, user, code, now, throttle_key=key, actor_name=actor_name
             )
+            if outcome.success:
+                self.gate.store.reset(s, key)
+            return outcome
 
     def open_full_session(
         self,

@@ -18,10 +18,10 @@ from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
 from qpki.auth.models import User, UserSession
 from qpki.auth.passwords import Passwords
+from qpki.auth.services.admin_rule import admin_denial
 from qpki.auth.services.code_check import CodeChecker
 from qpki.auth.services.common import Client, ThrottleGate, audit_own, load_user, refusal_for
 from qpki.auth.services.devices import KnownDevices
-from qpki.auth.services.factors import admin_denial
 from qpki.auth.services.policy import PolicyService
 from qpki.auth.sessions import token_digest
 from qpki.clock import Clock
@@ -203,6 +203,7 @@ class StepUpService:
                     return StepUpOutcome(
                         False, outcome.message, outcome.retry_at, outcome.locked, reason="code"
                     )
+                self.gate.store.reset(s, key)
             if session_id is not None:
                 s.execute(
                     update(UserSession).where(UserSession.id == session_id).values(reauth_at=now)
