@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from api_helpers import audit_rows, bearer, problem
@@ -13,12 +13,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from helpers import create_user, enable_mfa, login, oathtool_code, text_of
-from qpki.api.routes import POLICY_HOOK
 from qpki.app import create_app
 from qpki.auth import errors
 from qpki.auth.models import User
 from qpki.clock import SteppedClock
 from qpki.config import Settings
+from qpki.web.services import services_of
 
 
 def _mfa_user(app: Flask, clock: SteppedClock, name: str = "alice") -> tuple[User, str, list[str]]:
@@ -145,23 +145,28 @@ def test_web_and_api_share_the_account_throttle(
     assert problem(refused)["type"] == "urn:qpki:problem:throttled"
 
 
-def test_an_enrolment_overdue_user_gets_403_from_the_policy_hook(
+def test_an_enrolment_overdue_user_gets_403_and_no_code_is_checked(
     api_app: Flask, api: FlaskClient, make_key: Callable[..., str], clock: SteppedClock
 ) -> None:
-    _mfa_user(api_app, clock)
-    seen: list[tuple[str, datetime]] = []
-
-    def overdue(user: User, now: datetime) -> str | None:
-        seen.append((user.username, now))
-        return "Operators must enrol a second factor; the grace period ended."
-
-    api_app.extensions[POLICY_HOOK] = overdue
-    refused = _verify(api, make_key("verify"), "alice", "123456")
+    user, secret, _ = _mfa_user(api_app, clock)
+    policy = services_of(api_app).policy
+    policy.set_policy("viewer", actor=None, require_phishing_resistant=True, grace_hours=0)
+    policy.status(user, now=clock())  # the first sign-in under the policy starts the grace
+    clock.advance(seconds=1)
+    checked = ("mfa_verify_success", "mfa_verify_failure")
+    before = sum(len(audit_rows(api_app, event)) for event in checked)
+    key = make_key("verify")
+    refused = _verify(api, key, "alice", oathtool_code(secret, clock()))
     assert refused.status_code == 403
     body = problem(refused)
     assert body["type"] == "urn:qpki:problem:enrolment-overdue"
-    assert "grace period" in body["detail"]
-    assert seen == [("alice", clock())]
+    assert "key" in body["detail"]
+    after = sum(len(audit_rows(api_app, event)) for event in checked)
+    assert after == before, "an overdue user's code is not checked at all"
+    # Back under an optional policy, the same code is checked (and accepted).
+    policy.set_policy("viewer", actor=None, require_phishing_resistant=False)
+    accepted = _verify(api, key, "alice", oathtool_code(secret, clock()))
+    assert accepted.status_code == 200 and accepted.get_json()["result"] == "accept"
 
 
 # -- the same code from two processes x 100 threads: exactly one accept ---------------------------

@@ -234,19 +234,20 @@ def test_open_endpoints_are_only_enrolment_logout_and_static(capp: Flask) -> Non
     assert [e for e in opened if not allowed.match(e)] == []
 
 
-def test_api_hook_answers_with_the_reason(capp: Flask) -> None:
-    from qpki.api.routes import POLICY_HOOK
-
+def test_the_service_check_names_why_an_overdue_user_must_enrol(capp: Flask) -> None:
     create_user(capp, "boss", role="admin")
     login(capp.test_client(), "boss")  # the first sign-in starts the (zero) grace
+    signin = services_of(capp).signin
+    checked = signin.verify_for_service("boss", "123456", actor_name="api:test")
+    assert checked.outcome is None and checked.overdue is not None
+    assert "two-factor" in checked.overdue
     boss = capp.auth_manager.get_user(username="boss")  # type: ignore[attr-defined]
-    hook = capp.extensions[POLICY_HOOK]
-    with capp.app_context():
-        assert "two-factor" in hook(boss, services_of(capp).clock())
-        assert policy_of(capp).overdue(boss)
-    viewer = create_user(capp, "vera")
-    with capp.app_context():
-        assert hook(viewer, services_of(capp).clock()) is None
+    assert policy_of(capp).overdue(boss)
+    create_user(capp, "vera")
+    checked = signin.verify_for_service("VERA", "123456", actor_name="api:test")
+    assert checked.overdue is None and checked.outcome is not None  # checked: no 2FA, refused
+    assert not checked.outcome.success
+    assert signin.verify_for_service("nobody", "123456", actor_name="api:test").unknown_user
 
 
 def test_api_verify_answers_403_for_an_overdue_user(capp: Flask) -> None:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request
 
 from qpki.api.auth import current_principal, operation
 from qpki.api.openapi import document, operations, responses, spec
@@ -48,11 +48,6 @@ from qpki.auth.services.audit_trail import AuditFilters, AuditTrailService, Inva
 from qpki.web.services import services
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
-# An extension point for the role policies (issue 8): a callable ``(user, now) -> reason | None``
-# stored under this key in ``app.extensions``. When it gives a reason (the user's role needs
-# 2FA and the grace period is over without one), verify answers 403 enrolment-overdue.
-POLICY_HOOK = "qpki_api_enrolment_overdue"
 
 T = TypeVar("T")
 
@@ -93,22 +88,17 @@ def verify() -> Response:
     svc = services()
     from qpki.api.metrics import THROTTLED, VERIFICATIONS
 
-    user = svc.accounts.get_user(username=body.username)
-    if user is None:
+    now = svc.clock()
+    checked = svc.signin.verify_for_service(
+        body.username, body.code, actor_name=current_principal().actor_name, now=now
+    )
+    if checked.unknown_user:
         VERIFICATIONS.labels("unknown", "reject").inc()
         return jsonify(result="reject", message="Unknown user")
-    policy = current_app.extensions.get(POLICY_HOOK)
-    reason = policy(user, svc.clock()) if policy is not None else None
-    if reason:
-        raise abort_problem("enrolment-overdue", reason)
-    now = svc.clock()
-    outcome = svc.signin.verify_code(
-        user.id,
-        body.code,
-        now=now,
-        actor_name=current_principal().actor_name,
-        active_only=True,
-    )
+    if checked.overdue is not None:
+        raise abort_problem("enrolment-overdue", checked.overdue)
+    outcome = checked.outcome
+    assert outcome is not None  # a known user whose policy is met: the code was checked
     method = outcome.method or "unknown"
     if outcome.locked:
         THROTTLED.labels("account").inc()

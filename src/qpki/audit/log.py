@@ -71,6 +71,7 @@ _CHAIN_TAIL_QUERY = (
     .limit(1)
 )
 _INSERT_EVENT = insert(AuditEventRecord).returning(AuditEventRecord.id)
+_CHAIN_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 # The AuditLog of each engine, for migrations that must seal with the application's key.
 _BY_ENGINE: weakref.WeakKeyDictionary[Engine, AuditLog] = weakref.WeakKeyDictionary()
 
@@ -184,10 +185,11 @@ class AuditLog:
             raise ValueError("audit times must be aware UTC datetimes")
         ctx = current_context()
         tail: tuple[int, str] | None = session.info.get(_CHAIN_TAIL)
+        conn = session.connection()
         if tail is None:
-            if session.get_bind().dialect.name == "postgresql":
-                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHAIN_LOCK_ID})
-            prev = session.execute(_CHAIN_TAIL_QUERY).first()
+            if conn.dialect.name == "postgresql":
+                conn.execute(_CHAIN_LOCK, {"k": _CHAIN_LOCK_ID})
+            prev = conn.execute(_CHAIN_TAIL_QUERY).first()
             tail = (int(prev.seq), str(prev.hash)) if prev else (0, GENESIS)
         values: dict[str, Any] = {
             "seq": tail[0] + 1,
@@ -205,10 +207,10 @@ class AuditLog:
         }
         record = AuditEventRecord(**values)
         record.hash = values["hash"] = self.seal(record.prev_hash, record)
-        # A Core INSERT of the sealed row: the ORM unit of work (identity map, flush
-        # bookkeeping) bought nothing for an append-only row. The returned object is
-        # transient, with its id.
-        record.id = session.execute(_INSERT_EVENT, values).scalar_one()
+        # A Core INSERT of the sealed row on the transaction's connection: the ORM unit of
+        # work (identity map, flush bookkeeping) bought nothing for an append-only row. The
+        # returned object is transient, with its id.
+        record.id = conn.execute(_INSERT_EVENT, values).scalar_one()
         session.info[_CHAIN_TAIL] = (record.seq, record.hash)
         session.info[_PENDING_HEAD] = (self, self.sealed_head(record.seq, record.hash))
         return record

@@ -28,6 +28,7 @@ from qpki.auth.forms import (
     VerifyForm,
 )
 from qpki.auth.services.code_check import LOW_BACKUP_CODES
+from qpki.auth.services.signin import MFAResult
 from qpki.web.client import client, set_device_cookie
 from qpki.web.limits import LOGIN_LIMIT, VERIFY_LIMIT, per_address
 from qpki.web.remember import remember_cookie, set_remember_cookie
@@ -93,41 +94,41 @@ def mfa_verify() -> Page:
     if current_user.is_authenticated:
         return redirect(url_for("main.index"))
     token = session_token()
-    if pending_session_row() is None or token is None:
+    pending = pending_session_row()
+    if pending is None or token is None:
         flash("Please sign in first.", "info")
         return redirect(url_for("auth.login"))
     form = VerifyForm()
-    pending = pending_session_row()
-    remember_days = services().policy.remember_days_for(pending.user_id) if pending else 0
-    account = services().accounts.get_user(user_id=pending.user_id) if pending else None
+    status = 400 if request.method == "POST" else 200
+    retry_at = None
+    if form.validate_on_submit():
+        # The service remembers the browser only where the role's policy allows it.
+        result = services().signin.complete_second_step(
+            token,
+            form.code.data,
+            client=client(),
+            remember_device=bool(request.form.get("remember_device")),
+        )
+        if result.success:
+            return _second_step_passed(result)
+        flash(result.message, "error")
+        status = 429 if result.retry_at else 403 if result.locked else 200
+        retry_at = result.retry_at
+    form.code.data = ""  # never echo a submitted code back into the page
+    # Read only to draw the page (a passed second step never needs them).
+    account = services().accounts.get_user(user_id=pending.user_id)
     page = {
         "form": form,
-        "remember_days": remember_days,
+        "remember_days": services().policy.remember_days_for(pending.user_id),
         "username": account.username if account else "",
         "backup_mode": request.values.get("backup") == "1",
     }
-    if not form.validate_on_submit():
-        form.code.data = ""
-        return render_template("auth/mfa_verify.html", **page), (
-            400 if request.method == "POST" else 200
-        )
-    result = services().signin.complete_second_step(
-        token,
-        form.code.data,
-        client=client(),
-        remember_device=bool(request.form.get("remember_device")) and remember_days > 0,
-    )
-    if not result.success:
-        form.code.data = ""  # never echo a submitted code back into the page
-        flash(result.message, "error")
-        status = 429 if result.retry_at else 403 if result.locked else 200
-        return (
-            render_template("auth/mfa_verify.html", **page),
-            status,
-            retry_headers(result.retry_at),
-        )
-    next_url = session.get(NEXT_KEY)
-    start_session(result.token or "", next_url)
+    return render_template("auth/mfa_verify.html", **page), status, retry_headers(retry_at)
+
+
+def _second_step_passed(result: MFAResult) -> Response:
+    """The full session replaces the pending one; low on backup codes → show them."""
+    start_session(result.token or "", session.get(NEXT_KEY))
     if result.backup_codes_remaining is not None:
         low = result.backup_codes_remaining <= LOW_BACKUP_CODES
         flash(result.message, "warning" if low else "info")

@@ -12,11 +12,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import User, UserSession
-from qpki.db.base import affected_rows
+from qpki.db.base import UTCDateTime, affected_rows
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 # Every request runs this one: built once, executed with the digest as its parameter.
@@ -24,6 +24,38 @@ _LOOK_UP = (
     select(UserSession, User)
     .join(User, User.id == UserSession.user_id)
     .where(UserSession.token_hash == bindparam("token_hash"))
+)
+# The statements of the sign-in's hot path, built once and run as Core on the transaction's
+# connection (parameters only: no construction or cache-key walk per call, no ORM flush).
+_SESSIONS = UserSession.__table__
+_AT = bindparam("at", type_=UTCDateTime())
+_ROW_ID = bindparam("row_id")
+_INSERT = insert(_SESSIONS)
+_CLAIM = (
+    update(_SESSIONS)
+    .where(
+        _SESSIONS.c.token_hash == bindparam("digest"),
+        _SESSIONS.c.ended_at.is_(None),
+        _SESSIONS.c.mfa_passed.is_(False),
+        _SESSIONS.c.expires_at > _AT,
+    )
+    .values(ended_at=_AT, end_reason="mfa_completed")
+    .returning(_SESSIONS.c.id, _SESSIONS.c.user_id)
+)
+_RELEASE = update(_SESSIONS).where(_SESSIONS.c.id == _ROW_ID).values(ended_at=None, end_reason=None)
+_END_FOUND = (
+    update(_SESSIONS)
+    .where(_SESSIONS.c.id == _ROW_ID, _SESSIONS.c.ended_at.is_(None))
+    .values(ended_at=_AT, end_reason=bindparam("reason"))
+)
+_TOUCH = (
+    update(_SESSIONS)
+    .where(
+        _SESSIONS.c.id == _ROW_ID,
+        _SESSIONS.c.ended_at.is_(None),
+        _SESSIONS.c.last_seen_at < _AT,
+    )
+    .values(last_seen_at=_AT)
 )
 # Sign-in methods that proved a second factor (a password-only sign-in is not one).
 SECOND_FACTOR_METHODS = frozenset({"totp", "backup_code", "webauthn"})
@@ -41,6 +73,14 @@ class SessionPolicy:
     idle: timedelta = timedelta(minutes=30)
     absolute: timedelta = timedelta(hours=12)
     pending: timedelta = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class ClaimedSession:
+    """A pending session claimed by a second step: its row id and whose it is."""
+
+    id: int
+    user_id: int
 
 
 @dataclass(frozen=True)
@@ -99,21 +139,23 @@ class SessionStore:
         """
         token = secrets.token_urlsafe(32)
         lifetime = self.policy.absolute if mfa_passed else self.policy.pending
-        session.add(
-            UserSession(
-                token_hash=token_digest(token),
-                user_id=user_id,
-                mfa_passed=mfa_passed,
-                created_at=now,
-                last_seen_at=now,
-                expires_at=now + lifetime,
-                ip=ip[:64],
-                user_agent=user_agent[:256],
-                auth_method=method,
-                reauth_at=now if method in SECOND_FACTOR_METHODS else None,
-            )
+        session.connection().execute(
+            _INSERT,
+            {
+                "token_hash": token_digest(token),
+                "user_id": user_id,
+                "mfa_passed": mfa_passed,
+                "created_at": now,
+                "last_seen_at": now,
+                "expires_at": now + lifetime,
+                "ip": ip[:64],
+                "user_agent": user_agent[:256],
+                "auth_method": method,
+                "reauth_at": now if method in SECOND_FACTOR_METHODS else None,
+                "ended_at": None,
+                "end_reason": None,
+            },
         )
-        session.flush()
         return token
 
     def find(self, session: Session, token: str) -> UserSession | None:
@@ -174,57 +216,32 @@ class SessionStore:
         meanwhile keeps its first reason)."""
         if found.end_reason is None:
             return
-        session.execute(
-            update(UserSession)
-            .where(UserSession.id == found.row.id, UserSession.ended_at.is_(None))
-            .values(ended_at=now, end_reason=found.end_reason)
-            .execution_options(synchronize_session=False)
+        session.connection().execute(
+            _END_FOUND, {"row_id": found.row.id, "at": now, "reason": found.end_reason}
         )
         found.row.ended_at, found.row.end_reason = now, found.end_reason
 
     def touch(self, session: Session, found: SessionLookup, now: datetime) -> None:
         """Move last-seen forward (a conditional UPDATE: only a live row, only forward)."""
-        session.execute(
-            update(UserSession)
-            .where(
-                UserSession.id == found.row.id,
-                UserSession.ended_at.is_(None),
-                UserSession.last_seen_at < now,
-            )
-            .values(last_seen_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        session.connection().execute(_TOUCH, {"row_id": found.row.id, "at": now})
         found.row.last_seen_at = now
 
-    def claim_pending(self, session: Session, token: str, now: datetime) -> UserSession | None:
+    def claim_pending(self, session: Session, token: str, now: datetime) -> ClaimedSession | None:
         """End a live pending session atomically, so exactly one second step can use it.
 
         One conditional UPDATE: of two requests racing on one pending sign-in, one gets the
         row and the other gets ``None`` before it spends anything. :meth:`release` undoes the
         claim (inside the same transaction) when the factor turns out wrong. The UPDATE
-        returns the whole row (ORM ``RETURNING``), so no SELECT follows it.
+        returns the row's id and user (``RETURNING``), so no SELECT follows it.
         """
-        return session.scalars(
-            update(UserSession)
-            .where(
-                UserSession.token_hash == token_digest(token),
-                UserSession.ended_at.is_(None),
-                UserSession.mfa_passed.is_(False),
-                UserSession.expires_at > now,
-            )
-            .values(ended_at=now, end_reason="mfa_completed")
-            .returning(UserSession)
-            .execution_options(synchronize_session=False)
-        ).one_or_none()
-
-    def release(self, session: Session, row: UserSession) -> None:
-        """Give back a claimed pending session (the factor was wrong; the user may retry)."""
-        session.execute(
-            update(UserSession)
-            .where(UserSession.id == row.id)
-            .values(ended_at=None, end_reason=None)
-            .execution_options(synchronize_session=False)
+        row = (
+            session.connection().execute(_CLAIM, {"digest": token_digest(token), "at": now}).first()
         )
+        return ClaimedSession(id=row.id, user_id=row.user_id) if row is not None else None
+
+    def release(self, session: Session, row: ClaimedSession) -> None:
+        """Give back a claimed pending session (the factor was wrong; the user may retry)."""
+        session.connection().execute(_RELEASE, {"row_id": row.id})
 
     def end(self, session: Session, row: UserSession, reason: str, now: datetime) -> None:
         if row.ended_at is None:

@@ -14,7 +14,6 @@ with :func:`enrolment_page` is one too, so a page added later is closed unless i
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
 from flask import Blueprint, Flask, current_app, flash, g, redirect, request, session, url_for
@@ -129,18 +128,8 @@ def dismiss_banner() -> Response:
     return redirect(target if is_safe_next(target) else url_for("main.index"))
 
 
-def _api_reason(user: Any, now: datetime) -> str | None:
-    """For the JSON API's verify: why this user must enrol first, or ``None``."""
-    policy = services().policy
-    status = policy.standing(user, now=now)
-    return policy.overdue_message(status) if status.overdue else None
-
-
 def install_policy_gate(app: Flask) -> None:
-    """Register the gate, the banner and its dismiss route; and the API's policy hook."""
-    from qpki.api.routes import POLICY_HOOK
-
+    """Register the gate, the banner and its dismiss route."""
     app.register_blueprint(bp)
     app.before_request(_gate)
     app.context_processor(_banner)
-    app.extensions[POLICY_HOOK] = _api_reason

@@ -12,8 +12,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import bindparam, or_, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
@@ -29,6 +30,17 @@ from qpki.mail.notifier import Notifier
 log = logging.getLogger(__name__)
 
 LOW_BACKUP_CODES = 3
+# Built once: every TOTP check runs it (Core on the transaction's connection). A step is
+# accepted only if it is later than the last one accepted for the user.
+_USERS = User.__table__
+_REPLAY_GUARD = (
+    update(_USERS)
+    .where(
+        _USERS.c.id == bindparam("uid"),
+        or_(_USERS.c.totp_last_step.is_(None), _USERS.c.totp_last_step < bindparam("step")),
+    )
+    .values(totp_last_step=bindparam("step"))
+)
 # How many times a backup-code compare-and-swap is retried when another use raced it.
 BACKUP_CAS_ATTEMPTS = 5
 
@@ -221,14 +233,11 @@ class CodeChecker:
         if step is None:
             return "invalid"
         # The replay guard: one atomic conditional UPDATE, so it holds across processes.
-        guarded = s.execute(
-            update(User)
-            .where(User.id == user.id)
-            .where(or_(User.totp_last_step.is_(None), User.totp_last_step < step))
-            .values(totp_last_step=step)
-            .execution_options(synchronize_session=False)
-        )
-        return "ok" if affected_rows(guarded) == 1 else "replay"
+        guarded = s.connection().execute(_REPLAY_GUARD, {"uid": user.id, "step": step})
+        if affected_rows(guarded) != 1:
+            return "replay"
+        set_committed_value(user, "totp_last_step", step)  # as the row now is; nothing to flush
+        return "ok"
 
     def _check_backup(
         self, s: Session, user: User, code: str, now: datetime

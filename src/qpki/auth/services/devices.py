@@ -12,32 +12,50 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import KnownDevice, User
+from qpki.db.base import UTCDateTime
 
 DEVICE_KEY_PREFIX = "#dev:"
+# Built once (every sign-in and code runs these); Core on the transaction's connection.
+_DEVICES = KnownDevice.__table__
+_FIND = select(_DEVICES.c.id, _DEVICES.c.throttle_key).where(
+    _DEVICES.c.token_hash == bindparam("digest"), _DEVICES.c.user_id == bindparam("uid")
+)
+_TOUCH = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("device_id"))
+    .values(last_used_at=bindparam("at", type_=UTCDateTime()))
+)
+_INSERT = insert(_DEVICES)
 
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Device:
+    """A known device of an account: its row and its own throttle key."""
+
+    id: int
+    throttle_key: str
+
+
 class KnownDevices:
     """Device-cookie rows, inside the caller's transaction."""
 
-    def find(self, s: Session, user: User | None, token: str | None) -> KnownDevice | None:
+    def find(self, s: Session, user: User | None, token: str | None) -> Device | None:
         """The device ``token`` names, if it belongs to ``user``."""
         if user is None or not token or len(token) > 128:
             return None
-        return s.scalar(
-            select(KnownDevice).where(
-                KnownDevice.token_hash == _digest(token), KnownDevice.user_id == user.id
-            )
-        )
+        row = s.connection().execute(_FIND, {"digest": _digest(token), "uid": user.id}).first()
+        return Device(row.id, row.throttle_key) if row is not None else None
 
     def throttle_key(
         self, s: Session, user: User | None, account_key: str, token: str | None
@@ -47,27 +65,35 @@ class KnownDevices:
         return device.throttle_key if device is not None else account_key
 
     def remember(
-        self, s: Session, user: User, token: str | None, now: datetime, ip: str, user_agent: str
+        self,
+        s: Session,
+        user: User,
+        device: Device | None,
+        now: datetime,
+        ip: str,
+        user_agent: str,
     ) -> str | None:
-        """After a successful sign-in: touch the known device, or register this browser.
+        """After a successful sign-in: touch the known ``device`` (what :meth:`find` gave for
+        the browser's cookie), or register this browser when it has none.
 
         Returns a new cookie token when one must be set, ``None`` when the browser's is fine.
         """
-        device = self.find(s, user, token)
+        conn = s.connection()
         if device is not None:
-            device.last_used_at = now
+            conn.execute(_TOUCH, {"device_id": device.id, "at": now})
             return None
         new_token = secrets.token_urlsafe(32)
-        s.add(
-            KnownDevice(
-                user_id=user.id,
-                token_hash=_digest(new_token),
-                throttle_key=DEVICE_KEY_PREFIX + secrets.token_hex(16),
-                created_at=now,
-                last_used_at=now,
-                ip=ip[:64],
-                user_agent=user_agent[:256],
-            )
+        conn.execute(
+            _INSERT,
+            {
+                "user_id": user.id,
+                "token_hash": _digest(new_token),
+                "throttle_key": DEVICE_KEY_PREFIX + secrets.token_hex(16),
+                "created_at": now,
+                "last_used_at": now,
+                "ip": ip[:64],
+                "user_agent": user_agent[:256],
+            },
         )
         return new_token
 

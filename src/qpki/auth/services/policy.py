@@ -108,6 +108,8 @@ DEFAULT_POLICIES: dict[str, PolicyView] = {
     Role.VIEWER.value: PolicyView(Role.VIEWER.value, False, 72, remember_days=30),
 }
 ROLES = tuple(DEFAULT_POLICIES)
+# Session.info key: the policies this transaction has read (sessions live one transaction).
+_POLICIES_READ = "qpki_policies_read"
 
 
 def _view(row: RolePolicy) -> PolicyView:
@@ -168,10 +170,16 @@ class PolicyService:
         return {role: found.get(role, default) for role, default in DEFAULT_POLICIES.items()}
 
     def policy_in(self, s: Session, role: str) -> PolicyView:
-        row = s.get(RolePolicy, role)
-        if row is not None:
-            return _view(row)
-        return DEFAULT_POLICIES.get(role, PolicyView(role, False, 0))
+        """The role's policy as this transaction sees it, read once per transaction (a
+        sign-in asks several times; the ORM's identity map keeps no row nobody holds)."""
+        seen: dict[str, PolicyView] = s.info.setdefault(_POLICIES_READ, {})
+        view = seen.get(role)
+        if view is None:
+            row = s.get(RolePolicy, role)
+            view = _view(row) if row is not None else DEFAULT_POLICIES.get(role)
+            view = view or PolicyView(role, False, 0)
+            seen[role] = view
+        return view
 
     def has_key_in(self, s: Session, user_id: int) -> bool:
         """Whether the user has a passkey or security key."""
@@ -210,7 +218,13 @@ class PolicyService:
         """Where ``user`` stands now; with ``start_grace``, a first sign-in under the policy
         records the start of their grace (audited). Never restarts an existing one."""
         policy = self.policy_in(s, user.role)
-        grace = s.get(PolicyGrace, user.id)
+        # Without a rule of the role's there is no grace to read (most sign-ins: no query).
+        applies = (
+            policy.require_2fa
+            or policy.require_phishing_resistant
+            or (policy.new_device_2fa and session_method == NEW_DEVICE_METHOD)
+        )
+        grace = s.get(PolicyGrace, user.id) if applies else None
         found, persistent = self._rules(policy, grace, session_method)
         compliant = self._compliant(s, user, policy) if found else True
         started = grace.started_at if grace is not None else None
@@ -407,6 +421,7 @@ class PolicyService:
                     at=now,
                 )
             elif changes:
+                s.info.pop(_POLICIES_READ, None)  # later reads in this transaction see the change
                 row = s.get(RolePolicy, role)
                 if row is None:
                     row = RolePolicy(role=role)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.log import AuditLog
@@ -30,6 +31,7 @@ from qpki.auth.services.remembered_devices import DeviceCheck
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
+from qpki.db.base import UTCDateTime
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
@@ -42,6 +44,12 @@ KEY_REQUIRED = (
 )
 # What the JSON API's verify answers for a deactivated account (the web never gets this far).
 ACCOUNT_INACTIVE = "Account is deactivated"
+# Built once: every completed sign-in runs it (Core on the transaction's connection).
+_SIGNED_IN = (
+    update(User.__table__)
+    .where(User.__table__.c.id == bindparam("uid"))
+    .values(last_login_at=bindparam("at", type_=UTCDateTime()))
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,20 @@ class MFAResult:
     locked: bool = False
     device_token: str | None = None
     remember_cookie: str | None = None  # set when the user asked to remember this device
+
+
+@dataclass(frozen=True)
+class ServiceCheck:
+    """What the JSON API's verify found: the code's verdict, or why no code was checked
+    (an unknown user; a user whose role's policy says they must enrol first)."""
+
+    outcome: CodeOutcome | None
+    unknown_user: bool = False
+    overdue: str | None = None  # why the user must enrol first, in words
+
+
+# The user a service names (case-insensitive, like the sign-in form); built once.
+_USER_BY_NAME = select(User).where(User.username_key == bindparam("name_key")).limit(1)
 
 
 class SignInService:
@@ -340,28 +362,52 @@ class SignInService:
         *,
         throttle_key: str | None = None,
         now: datetime | None = None,
-        actor_name: str | None = None,
-        active_only: bool = False,
     ) -> CodeOutcome:
-        """Check a TOTP or backup code for a user, outside any sign-in (the seed's API, and
-        the JSON API): the same reservation, replay guard and audit as the second step.
-
-        The JSON API passes ``actor_name`` (its service key, audited as the actor) and
-        ``active_only`` (a deactivated account is refused, as at sign-in)."""
+        """Check a TOTP or backup code for a user, outside any sign-in (the seed's API): the
+        same reservation, replay guard and audit as the second step."""
         now = now or self.clock()
         with self.db.transaction() as s:
             user = s.get(User, user_id)
             if user is None:
                 return CodeOutcome(False, errors.MFA_NOT_ENABLED)
-            if active_only and not user.is_active:
-                return CodeOutcome(False, ACCOUNT_INACTIVE)
-            key = throttle_key or user.username_key
-            outcome = self.checker.check(
-                s, user, code, now, throttle_key=key, actor_name=actor_name
+            return self._check_and_settle(s, user, code, now, throttle_key or user.username_key)
+
+    def verify_for_service(
+        self, username: str, code: str, *, actor_name: str, now: datetime | None = None
+    ) -> ServiceCheck:
+        """The JSON API's verify, in one transaction: find the user by name, refuse one whose
+        role's policy is overdue (no code is checked) or who is deactivated, then check the
+        code as :meth:`verify_code` does, with the service key as the audited actor."""
+        now = now or self.clock()
+        with self.db.transaction() as s:
+            user = s.scalars(_USER_BY_NAME, {"name_key": account_key(username)}).first()
+            if user is None:
+                return ServiceCheck(None, unknown_user=True)
+            status = self.policy.status_in(s, user, now)
+            if status.overdue:
+                return ServiceCheck(None, overdue=self.policy.overdue_message(status))
+            if not user.is_active:
+                return ServiceCheck(CodeOutcome(False, ACCOUNT_INACTIVE))
+            return ServiceCheck(
+                self._check_and_settle(s, user, code, now, user.username_key, actor_name)
             )
-            if outcome.success:
-                self.gate.store.reset(s, key)
-            return outcome
+
+    def _check_and_settle(
+        self,
+        s: Session,
+        user: User,
+        code: str,
+        now: datetime,
+        throttle_key: str,
+        actor_name: str | None = None,
+    ) -> CodeOutcome:
+        """One code outside a sign-in: checked, and a success clears the throttle count."""
+        outcome = self.checker.check(
+            s, user, code, now, throttle_key=throttle_key, actor_name=actor_name
+        )
+        if outcome.success:
+            self.gate.store.reset(s, throttle_key)
+        return outcome
 
     def open_full_session(
         self,
@@ -382,7 +428,8 @@ class SignInService:
         """
         signed_in_before = user.last_login_at is not None
         method = method or "password"
-        new_device = signed_in_before and self.devices.find(s, user, client.device_token) is None
+        device = self.devices.find(s, user, client.device_token)
+        new_device = signed_in_before and device is None
         if new_device and method == "password" and self.policy.new_device_rule_in(s, user):
             method = NEW_DEVICE_METHOD
         token = self.sessions.create(
@@ -394,11 +441,10 @@ class SignInService:
             user_agent=client.user_agent,
             method=method,
         )
-        s.execute(update(User).where(User.id == user.id).values(last_login_at=now))
+        s.connection().execute(_SIGNED_IN, {"uid": user.id, "at": now})
+        set_committed_value(user, "last_login_at", now)  # as the row now is; nothing to flush
         self.gate.store.reset(s, throttle_key)
-        device_token = self.devices.remember(
-            s, user, client.device_token, now, client.ip, client.user_agent
-        )
+        device_token = self.devices.remember(s, user, device, now, client.ip, client.user_agent)
         if device_token is not None and signed_in_before:
             audit_own(
                 self.audit,
