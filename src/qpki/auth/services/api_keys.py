@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from qpki.api.models import ApiKey
@@ -39,6 +39,19 @@ from qpki.auth.services.admin_rule import refused_as_admin
 from qpki.auth.services.common import actor_fields
 from qpki.clock import Clock
 from qpki.db.manager import DatabaseManager
+
+# Every API request runs it: built once, Core on the read transaction's connection. The
+# candidates are the key's hash under the current secret and under the previous ones.
+_KEYS = ApiKey.__table__
+_KEY_BY_HASH = select(
+    _KEYS.c.id,
+    _KEYS.c.name,
+    _KEYS.c.key_hash,
+    _KEYS.c.scopes,
+    _KEYS.c.revoked_at,
+    _KEYS.c.expires_at,
+    _KEYS.c.last_used_at,
+).where(_KEYS.c.key_hash.in_(bindparam("hashes", expanding=True)))
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +269,11 @@ class ApiKeyService:
         now = self.clock()
         candidates = self._hashes(presented)
         with self.db.transaction(write=False) as s:
-            row = s.scalar(select(ApiKey).where(ApiKey.key_hash.in_(candidates)))
+            row = s.connection().execute(_KEY_BY_HASH, {"hashes": candidates}).first()
             if row is None:
                 return None
             key_id, stored_hash = row.id, row.key_hash
-            principal = ApiPrincipal(row.name, frozenset(row.scope_list))
+            principal = ApiPrincipal(row.name, frozenset(row.scopes.split()))
             usable = row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
             stale = row.last_used_at is None or now - row.last_used_at >= LAST_USE_GRANULARITY
         if not usable:

@@ -17,8 +17,22 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, false, func, literal, not_, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    bindparam,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from qpki.audit.events import AuditEvent, Outcome
@@ -110,9 +124,13 @@ DEFAULT_POLICIES: dict[str, PolicyView] = {
 ROLES = tuple(DEFAULT_POLICIES)
 # Session.info key: the policies this transaction has read (sessions live one transaction).
 _POLICIES_READ = "qpki_policies_read"
+# Every sign-in reads its role's policy: built once, a plain row (Core), no ORM object.
+_POLICY_OF_ROLE = select(RolePolicy.__table__).where(
+    RolePolicy.__table__.c.role == bindparam("role")
+)
 
 
-def _view(row: RolePolicy) -> PolicyView:
+def _view(row: RolePolicy | Row[Any]) -> PolicyView:
     return PolicyView(
         role=row.role,
         require_2fa=row.require_2fa,
@@ -175,7 +193,7 @@ class PolicyService:
         seen: dict[str, PolicyView] = s.info.setdefault(_POLICIES_READ, {})
         view = seen.get(role)
         if view is None:
-            row = s.get(RolePolicy, role)
+            row = s.connection().execute(_POLICY_OF_ROLE, {"role": role}).first()
             view = _view(row) if row is not None else DEFAULT_POLICIES.get(role)
             view = view or PolicyView(role, False, 0)
             seen[role] = view
