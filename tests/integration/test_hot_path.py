@@ -205,3 +205,75 @@ def test_write_transactions_on_a_sqlite_file_use_the_writer_lock(tmp_path: Path)
         assert memory._writer_lock is None
     finally:
         memory.dispose()
+
+
+# -- the verification's statements ------------------------------------------------------------
+def test_a_reservation_is_one_statement_until_a_back_off_starts(app: Flask) -> None:
+    """The throttle's reserve is one upsert; a second statement only opens the back-off."""
+    from qpki.auth.throttle import FREE_FAILURES
+    from qpki.auth.throttle_store import AccountThrottle
+
+    store = AccountThrottle()
+    db = app.db_manager  # type: ignore[attr-defined]
+    for n in range(1, FREE_FAILURES + 2):
+        with statements(app) as seen, db.transaction() as s:
+            granted = store.reserve(s, "mallory", START)
+        work = [q for q in seen if not q.startswith(("BEGIN", "COMMIT"))]
+        if n < FREE_FAILURES:
+            assert granted.granted and granted.state.failures == n
+            assert len(work) == 1 and work[0].startswith("INSERT INTO login_throttle"), work
+        else:  # this attempt starts the back-off: the upsert, then the window
+            assert granted.granted and granted.state.retry_at is not None
+            assert len(work) == 2 and work[1].startswith("UPDATE login_throttle"), work
+            break
+    with db.transaction() as s:
+        refused = store.reserve(s, "mallory", START)
+        assert not refused.granted and refused.state.failures == FREE_FAILURES
+        assert store.state(s, "mallory") == refused.state  # nothing counted
+
+
+def test_the_second_step_is_one_write_transaction(make_app: Callable[..., Flask]) -> None:
+    """Resolving the pending session reads; the second step writes once, reading the role's
+    policy and the user once each, and neither the policy nor the name a second time."""
+    from helpers import login, oathtool_code
+
+    clock = SteppedClock(START)
+    app = make_app(clock=clock)
+    user = create_user(app, "tess")
+    secret, _codes = enable_mfa(app, user.id, at=clock())
+    clock.advance(seconds=30)
+    client = app.test_client()
+    assert login(client, "tess").status_code == 302
+    with statements(app) as seen:
+        done = client.post("/auth/mfa/verify", data={"code": oathtool_code(secret, clock())})
+    assert done.status_code == 302 and done.headers["Location"].endswith("/")
+    begins = [q for q in seen if q.startswith("BEGIN")]
+    assert begins == ["BEGIN DEFERRED", "BEGIN IMMEDIATE"], begins
+    assert len([q for q in seen if "FROM role_policies" in q]) == 1, seen
+    assert len([q for q in seen if q.startswith("SELECT users.")]) == 1, seen
+
+
+def test_the_api_verify_is_one_write_transaction(make_app: Callable[..., Flask]) -> None:
+    """The key is read; user, policy, code, replay guard and audit are one write."""
+    from helpers import oathtool_code
+    from qpki.api import api_keys_of
+
+    clock = SteppedClock(START)
+    app = make_app(clock=clock)
+    user = create_user(app, "uma")
+    secret, _codes = enable_mfa(app, user.id, at=clock())
+    clock.advance(seconds=30)
+    key = api_keys_of(app).create("hot", "verify", actor_name="test").secret
+    api = app.test_client()
+    headers = {"Authorization": f"Bearer {key}"}
+    api.post("/api/v1/verify", json={"username": "nobody", "code": "1"}, headers=headers)
+    # (that first use recorded the key's last use: not again within the minute)
+    with statements(app) as seen:
+        answer = api.post(
+            "/api/v1/verify",
+            json={"username": "uma", "code": oathtool_code(secret, clock())},
+            headers=headers,
+        )
+    assert answer.status_code == 200 and answer.get_json()["result"] == "accept"
+    begins = [q for q in seen if q.startswith("BEGIN")]
+    assert begins == ["BEGIN DEFERRED", "BEGIN IMMEDIATE"], begins

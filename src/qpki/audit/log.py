@@ -114,9 +114,9 @@ def _store_pending_head(session: Session) -> None:
     pending = session.info.pop(_PENDING_HEAD, None)
     if pending is None:
         return
-    audit, head = pending
+    audit, seq, last_hash = pending
     try:
-        audit.head.advance(head)
+        audit.head.advance(audit.sealed_head(seq, last_hash))
     except (HeadStoreError, OSError) as exc:
         log.error("audit chain head not stored in %s: %s", audit.head.description, exc)
 
@@ -212,7 +212,8 @@ class AuditLog:
         # returned object is transient, with its id.
         record.id = conn.execute(_INSERT_EVENT, values).scalar_one()
         session.info[_CHAIN_TAIL] = (record.seq, record.hash)
-        session.info[_PENDING_HEAD] = (self, self.sealed_head(record.seq, record.hash))
+        # Sealed at commit: a use case that records several events seals one head.
+        session.info[_PENDING_HEAD] = (self, record.seq, record.hash)
         return record
 
     def query(
