@@ -12,11 +12,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import BindParameter, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import User, UserSession
-from qpki.db.base import UTCDateTime, affected_rows
+from qpki.db.base import UTCDateTime, affected_rows, table_of
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 # Every request runs this one: built once, executed with the digest as its parameter.
@@ -27,9 +27,9 @@ _LOOK_UP = (
 )
 # The statements of the sign-in's hot path, built once and run as Core on the transaction's
 # connection (parameters only: no construction or cache-key walk per call, no ORM flush).
-_SESSIONS = UserSession.__table__
+_SESSIONS = table_of(UserSession)
 _AT = bindparam("at", type_=UTCDateTime())
-_ROW_ID = bindparam("row_id")
+_ROW_ID: BindParameter[int] = bindparam("row_id")
 _INSERT = insert(_SESSIONS)
 _CLAIM = (
     update(_SESSIONS)

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import BindParameter, and_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import LoginThrottle
 from qpki.auth.throttle import ThrottleState, is_hard_locked, next_allowed
-from qpki.db.base import UTCDateTime, affected_rows
+from qpki.db.base import UTCDateTime, affected_rows, table_of
 
-_THROTTLE = LoginThrottle.__table__
-_KEY = bindparam("k")
+_THROTTLE = table_of(LoginThrottle)
+_KEY: BindParameter[str] = bindparam("k")
 _NOW = bindparam("at", type_=UTCDateTime())
 # May an attempt be made now: not hard-locked and not inside a back-off window.
 _MAY_TRY = and_(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData, Table
 from sqlalchemy.engine import CursorResult, Dialect, Result
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
@@ -60,3 +60,9 @@ class Base(DeclarativeBase):
     """Base of all qPKI models; constraint names are deterministic for migrations."""
 
     metadata = MetaData(naming_convention=NAMING)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's table, typed as one, for the Core statements built once at import (the
+    declarative ``__table__`` is typed as any FromClause)."""
+    return cast(Table, model.__table__)

@@ -23,7 +23,7 @@ from qpki.auth.errors import SecretUnavailable
 from qpki.auth.mfa import BackupCodeEntry, CodeKind, MFAManager, SecretDecryptionError
 from qpki.auth.models import User
 from qpki.auth.services.common import ThrottleGate, audit_own, refusal_for
-from qpki.db.base import affected_rows
+from qpki.db.base import affected_rows, table_of
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 LOW_BACKUP_CODES = 3
 # Built once: every TOTP check runs it (Core on the transaction's connection). A step is
 # accepted only if it is later than the last one accepted for the user.
-_USERS = User.__table__
+_USERS = table_of(User)
 _REPLAY_GUARD = (
     update(_USERS)
     .where(

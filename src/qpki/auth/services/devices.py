@@ -19,11 +19,11 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import KnownDevice, User
-from qpki.db.base import UTCDateTime
+from qpki.db.base import UTCDateTime, table_of
 
 DEVICE_KEY_PREFIX = "#dev:"
 # Built once (every sign-in and code runs these); Core on the transaction's connection.
-_DEVICES = KnownDevice.__table__
+_DEVICES = table_of(KnownDevice)
 _FIND = select(_DEVICES.c.id, _DEVICES.c.throttle_key).where(
     _DEVICES.c.token_hash == bindparam("digest"), _DEVICES.c.user_id == bindparam("uid")
 )

@@ -31,7 +31,7 @@ from qpki.auth.services.remembered_devices import DeviceCheck
 from qpki.auth.sessions import SessionStore
 from qpki.auth.throttle import account_key
 from qpki.clock import Clock
-from qpki.db.base import UTCDateTime
+from qpki.db.base import UTCDateTime, table_of
 from qpki.db.manager import DatabaseManager
 from qpki.mail.alerts import Alert
 from qpki.mail.notifier import Notifier
@@ -46,8 +46,8 @@ KEY_REQUIRED = (
 ACCOUNT_INACTIVE = "Account is deactivated"
 # Built once: every completed sign-in runs it (Core on the transaction's connection).
 _SIGNED_IN = (
-    update(User.__table__)
-    .where(User.__table__.c.id == bindparam("uid"))
+    update(table_of(User))
+    .where(table_of(User).c.id == bindparam("uid"))
     .values(last_login_at=bindparam("at", type_=UTCDateTime()))
 )
 
