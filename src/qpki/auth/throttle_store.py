@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BindParameter, and_, bindparam, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from qpki.auth.models import LoginThrottle
@@ -48,10 +48,19 @@ def _reserve_upsert(dialect_insert: Any) -> Any:
 
 # Built once: the throttle runs on every sign-in and every code, and a statement built per
 # call costs its construction and cache-key walk each time (these take parameters only).
-_RESERVE = {
-    "sqlite": _reserve_upsert(sqlite.insert),
-    "postgresql": _reserve_upsert(postgresql.insert),
-}
+_RESERVE: dict[str, Any] = {"sqlite": _reserve_upsert(sqlite.insert)}
+
+
+def _reserve_statement(dialect: str) -> Any:
+    """The reservation upsert of ``dialect`` (``None``: it has none). PostgreSQL's is built
+    on first use: importing its dialect costs a SQLite deployment's workers about 2 MB."""
+    if dialect == "postgresql" and dialect not in _RESERVE:
+        from sqlalchemy.dialects import postgresql
+
+        _RESERVE[dialect] = _reserve_upsert(postgresql.insert)
+    return _RESERVE.get(dialect)
+
+
 _RESERVE_OTHER = (
     update(_THROTTLE)
     .where(_THROTTLE.c.key == _KEY, _MAY_TRY)
@@ -125,7 +134,7 @@ class AccountThrottle:
         """
         conn = session.connection()
         params = {"k": key, "at": now}
-        stmt = _RESERVE.get(conn.dialect.name)
+        stmt = _reserve_statement(conn.dialect.name)
         if stmt is None:  # pragma: no cover - backends without an upsert
             if conn.execute(_STATE, params).first() is None:
                 conn.execute(_INSERT_ZERO, params)

@@ -21,39 +21,29 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from webauthn import (
-    generate_authentication_options,
-    generate_registration_options,
-    options_to_json,
-    verify_authentication_response,
-    verify_registration_response,
-)
-from webauthn.helpers import (
-    base64url_to_bytes,
-    bytes_to_base64url,
-    parse_authentication_credential_json,
-    parse_client_data_json,
-)
-from webauthn.helpers.cose import COSEAlgorithmIdentifier
-from webauthn.helpers.exceptions import WebAuthnException
-from webauthn.helpers.structs import (
-    AttestationConveyancePreference,
-    AuthenticatorSelectionCriteria,
-    AuthenticatorTransport,
-    PublicKeyCredentialDescriptor,
-    ResidentKeyRequirement,
-    UserVerificationRequirement,
-)
+# py_webauthn (with cbor2, pyasn1, pyOpenSSL and cryptography's X.509) is imported inside the
+# functions that use it, on the first ceremony: a worker that only signs users in with
+# passwords and TOTP never loads it (about 6 MB per gunicorn worker, benchmark B6).
+if TYPE_CHECKING:
+    from webauthn.helpers.cose import COSEAlgorithmIdentifier
+    from webauthn.helpers.structs import PublicKeyCredentialDescriptor
 
-# Explicit, in order of preference (the browser picks the first its authenticator supports).
-ALGORITHMS: list[COSEAlgorithmIdentifier] = [
-    COSEAlgorithmIdentifier.ECDSA_SHA_256,
-    COSEAlgorithmIdentifier.EDDSA,
-    COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256,
-]
+
+def _algorithms() -> list[COSEAlgorithmIdentifier]:
+    """Explicit, in order of preference (the browser picks the first its authenticator
+    supports)."""
+    from webauthn.helpers.cose import COSEAlgorithmIdentifier
+
+    return [
+        COSEAlgorithmIdentifier.ECDSA_SHA_256,
+        COSEAlgorithmIdentifier.EDDSA,
+        COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256,
+    ]
+
+
 CHALLENGE_BYTES = 32  # 256 bits from the CSPRNG (checklist §9.2 asks for at least 64)
 USER_HANDLE_BYTES = 64  # the largest user handle WebAuthn allows: random, never the user id
 TIMEOUT_MS = 300_000  # the browser's hint; the server-side challenge also lives 5 minutes
@@ -147,11 +137,15 @@ def new_user_handle() -> bytes:
 
 def encode(data: bytes) -> str:
     """base64url without padding, as WebAuthn's JSON forms use."""
+    from webauthn.helpers import bytes_to_base64url
+
     return bytes_to_base64url(data)
 
 
 def decode(text: str) -> bytes:
     """The bytes of a base64url string; CeremonyRejected("malformed") when it is not one."""
+    from webauthn.helpers import base64url_to_bytes
+
     try:
         return base64url_to_bytes(text)
     except (ValueError, TypeError) as exc:
@@ -167,6 +161,8 @@ class KnownCredential:
 
 
 def _descriptors(known: list[KnownCredential]) -> list[PublicKeyCredentialDescriptor]:
+    from webauthn.helpers.structs import AuthenticatorTransport, PublicKeyCredentialDescriptor
+
     out = []
     for cred in known:
         transports = [AuthenticatorTransport(t) for t in cred.transports if _is_transport(t)]
@@ -175,6 +171,8 @@ def _descriptors(known: list[KnownCredential]) -> list[PublicKeyCredentialDescri
 
 
 def _is_transport(value: str) -> bool:
+    from webauthn.helpers.structs import AuthenticatorTransport
+
     return value in {t.value for t in AuthenticatorTransport}
 
 
@@ -190,6 +188,14 @@ def registration_options(
     """``PublicKeyCredentialCreationOptions`` as JSON-ready data for ``navigator.credentials
     .create``. A passkey (discoverable credential) is preferred, not required, so a plain USB
     security key registers too; ``excludeCredentials`` stops registering one key twice."""
+    from webauthn import generate_registration_options, options_to_json
+    from webauthn.helpers.structs import (
+        AttestationConveyancePreference,
+        AuthenticatorSelectionCriteria,
+        ResidentKeyRequirement,
+        UserVerificationRequirement,
+    )
+
     options = generate_registration_options(
         rp_id=rp.rp_id,
         rp_name=rp.name,
@@ -204,7 +210,7 @@ def registration_options(
             user_verification=UserVerificationRequirement.PREFERRED,
         ),
         exclude_credentials=_descriptors(exclude),
-        supported_pub_key_algs=ALGORITHMS,
+        supported_pub_key_algs=_algorithms(),
     )
     data: dict[str, Any] = json.loads(options_to_json(options))
     data["extensions"] = {"credProps": True}  # tells us whether the key kept a passkey
@@ -220,6 +226,9 @@ def authentication_options(
 ) -> dict[str, Any]:
     """``PublicKeyCredentialRequestOptions`` as JSON-ready data. An empty ``allow`` asks for a
     discoverable credential (a passkey), as passwordless sign-in does."""
+    from webauthn import generate_authentication_options, options_to_json
+    from webauthn.helpers.structs import UserVerificationRequirement
+
     options = generate_authentication_options(
         rp_id=rp.rp_id,
         challenge=challenge,
@@ -256,6 +265,9 @@ def parse_response(raw: object) -> dict[str, Any]:
 def response_challenge(response: dict[str, Any]) -> bytes:
     """The challenge a response answers (read from its clientDataJSON), to find the ceremony
     it belongs to. Checked for real by the verification."""
+    from webauthn.helpers import parse_client_data_json
+    from webauthn.helpers.exceptions import WebAuthnException
+
     inner = response.get("response")
     client_data = inner.get("clientDataJSON") if isinstance(inner, dict) else None
     if not isinstance(client_data, str):
@@ -270,6 +282,9 @@ def response_challenge(response: dict[str, Any]) -> bytes:
 
 
 def _origin_of(response: dict[str, Any]) -> str:
+    from webauthn.helpers import parse_client_data_json
+    from webauthn.helpers.exceptions import WebAuthnException
+
     inner = response.get("response")
     client_data = inner.get("clientDataJSON") if isinstance(inner, dict) else None
     if not isinstance(client_data, str):
@@ -299,6 +314,9 @@ class AssertionClaim:
 
 def assertion_claim(response: dict[str, Any]) -> AssertionClaim:
     """Read the credential id (and user handle) to look the credential up by."""
+    from webauthn.helpers import parse_authentication_credential_json
+    from webauthn.helpers.exceptions import WebAuthnException
+
     try:
         parsed = parse_authentication_credential_json(response)
     except (WebAuthnException, ValueError, TypeError, KeyError) as exc:
@@ -329,9 +347,13 @@ def _reason_of(message: str) -> str:
     return "malformed"
 
 
-# Library failures on hostile input: its own exceptions, and the ValueError/TypeError/KeyError
-# family its parsers (cbor2, cryptography, struct) raise on truncated or ill-typed data.
-_LIBRARY_FAILURES = (WebAuthnException, ValueError, TypeError, KeyError, IndexError, OverflowError)
+def _library_failures() -> tuple[type[Exception], ...]:
+    """Library failures on hostile input: its own exceptions, and the ValueError/TypeError/
+    KeyError family its parsers (cbor2, cryptography, struct) raise on truncated or ill-typed
+    data."""
+    from webauthn.helpers.exceptions import WebAuthnException
+
+    return (WebAuthnException, ValueError, TypeError, KeyError, IndexError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -353,6 +375,8 @@ def verify_registration(
 ) -> NewCredential:
     """Check a ``navigator.credentials.create`` response against our challenge, origins, RP
     ID and algorithms, with attestation ``none`` (no vendor list is kept)."""
+    from webauthn import verify_registration_response
+
     origin = _checked_origin(rp, response)
     try:
         verified = verify_registration_response(
@@ -362,9 +386,9 @@ def verify_registration(
             expected_origin=origin,
             require_user_presence=True,
             require_user_verification=False,
-            supported_pub_key_algs=ALGORITHMS,
+            supported_pub_key_algs=_algorithms(),
         )
-    except _LIBRARY_FAILURES as exc:
+    except _library_failures() as exc:
         raise CeremonyRejected(_reason_of(str(exc)), str(exc)[:200]) from exc
     if len(verified.credential_id) > MAX_CREDENTIAL_ID_BYTES:
         raise CeremonyRejected("malformed", "credential id too long")
@@ -410,6 +434,8 @@ def verify_assertion(
     py_webauthn's own counter check is given 0 so that it verifies the signature first and
     our :class:`CounterNotIncreased` can tell a clone apart from a bad response.
     """
+    from webauthn import verify_authentication_response
+
     origin = _checked_origin(rp, response)
     try:
         verified = verify_authentication_response(
@@ -421,7 +447,7 @@ def verify_assertion(
             credential_current_sign_count=0,
             require_user_verification=require_user_verification,
         )
-    except _LIBRARY_FAILURES as exc:
+    except _library_failures() as exc:
         raise CeremonyRejected(_reason_of(str(exc)), str(exc)[:200]) from exc
     received = verified.new_sign_count
     if (received or stored_sign_count) and received <= stored_sign_count:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ua_parser import parse
-
 CLI_AGENT = "qpki-cli"
 
 
@@ -28,6 +26,11 @@ def describe_user_agent(user_agent: str) -> str:
         return "an unknown browser"
     if raw == CLI_AGENT:
         return "the qpki command line"
+    # Imported on the first header to describe (a new-device sign-in, an alert mail, the
+    # activity page): ua-parser and the PyYAML it loads cost every gunicorn worker about
+    # 1 MB at start-up otherwise (benchmark B6); its rules are compiled on first use anyway.
+    from ua_parser import parse
+
     result = parse(raw[:512])
     browser = result.user_agent
     if browser is None or browser.family == "Other":
