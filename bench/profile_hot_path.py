@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             ids = user_ids(url, [u.username for u in batch])
             tokens = pending_sign_ins(url, [ids[u.username] for u in batch], per_user=1)
             codes = next_step_codes([u.secret for u in batch])
-            return [(*minter.cookie_and_csrf(t[0]), c) for t, c in zip(tokens, codes, strict=True)]
+            return [
+                (*minter.cookie_and_csrf(t[0], u.username), c)
+                for t, c, u in zip(tokens, codes, batch, strict=True)
+            ]
 
         def post_web(item: tuple[str, str, str]) -> None:
             cookie, csrf, code = item

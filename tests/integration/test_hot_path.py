@@ -233,8 +233,9 @@ def test_a_reservation_is_one_statement_until_a_back_off_starts(app: Flask) -> N
 
 
 def test_the_second_step_is_one_write_transaction(make_app: Callable[..., Flask]) -> None:
-    """Resolving the pending session reads; the second step writes once, reading the role's
-    policy and the user once each, and neither the policy nor the name a second time."""
+    """The code's POST is one write transaction: the pending row is claimed, not read
+    first (the password step marked the cookie pending); the role's policy and the user are
+    read once each."""
     from helpers import login, oathtool_code
 
     clock = SteppedClock(START)
@@ -248,7 +249,7 @@ def test_the_second_step_is_one_write_transaction(make_app: Callable[..., Flask]
         done = client.post("/auth/mfa/verify", data={"code": oathtool_code(secret, clock())})
     assert done.status_code == 302 and done.headers["Location"].endswith("/")
     begins = [q for q in seen if q.startswith("BEGIN")]
-    assert begins == ["BEGIN DEFERRED", "BEGIN IMMEDIATE"], begins
+    assert begins == ["BEGIN IMMEDIATE"], begins
     assert len([q for q in seen if "FROM role_policies" in q]) == 1, seen
     assert len([q for q in seen if q.startswith("SELECT users.")]) == 1, seen
 

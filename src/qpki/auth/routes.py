@@ -38,7 +38,11 @@ from qpki.web.session_auth import (
     NEXT_KEY,
     auth_manager,
     pending_session_row,
+    resolve_in_full,
+    second_step_unread,
     session_token,
+    signin_timed_out,
+    start_pending_session,
     start_session,
     take_signin_username,
 )
@@ -77,7 +81,10 @@ def login() -> Page:
     except (AccountLocked, InvalidCredentials) as exc:
         flash(exc.message, "error")
         return render_template("auth/login.html", form=form), 200
-    start_session(result.token, next_url)
+    if result.mfa_required:
+        start_pending_session(result.token, result.user.username, result.pending_until, next_url)
+    else:
+        start_session(result.token, next_url)
     if result.mfa_required:
         return set_remember_cookie(
             redirect(url_for("auth.mfa_verify")), None, forget=result.forget_remember_cookie
@@ -90,30 +97,36 @@ def login() -> Page:
 @bp.route("/mfa/verify", methods=["GET", "POST"])
 @per_address(VERIFY_LIMIT, methods=["POST"])
 def mfa_verify() -> Page:
-    _ = current_user.is_authenticated  # resolve the session (fills the pending row)
-    if current_user.is_authenticated:
-        return redirect(url_for("main.index"))
     token = session_token()
-    pending = pending_session_row()
-    if pending is None or token is None:
-        flash("Please sign in first.", "info")
-        return redirect(url_for("auth.login"))
+    unread = second_step_unread()  # a code on a cookie marked pending: claimed, not read first
+    if not unread:
+        if current_user.is_authenticated:
+            return redirect(url_for("main.index"))
+        if pending_session_row() is None or token is None:
+            return _no_pending_sign_in()
     form = VerifyForm()
     status = 400 if request.method == "POST" else 200
     retry_at = None
     if form.validate_on_submit():
         # The service remembers the browser only where the role's policy allows it.
         result = services().signin.complete_second_step(
-            token,
+            token or "",
             form.code.data,
             client=client(),
             remember_device=bool(request.form.get("remember_device")),
         )
         if result.success:
             return _second_step_passed(result)
+        if result.expired and unread:
+            return _no_pending_sign_in()  # say why, as a read of the cookie would have
         flash(result.message, "error")
         status = 429 if result.retry_at else 403 if result.locked else 200
         retry_at = result.retry_at
+    if unread:
+        resolve_in_full()  # the page needs the pending row (the claim gave it back)
+    pending = pending_session_row()
+    if pending is None:
+        return _no_pending_sign_in()
     form.code.data = ""  # never echo a submitted code back into the page
     # Read only to draw the page (a passed second step never needs them).
     account = services().accounts.get_user(user_id=pending.user_id)
@@ -124,6 +137,19 @@ def mfa_verify() -> Page:
         "backup_mode": request.values.get("backup") == "1",
     }
     return render_template("auth/mfa_verify.html", **page), status, retry_headers(retry_at)
+
+
+def _no_pending_sign_in() -> Response:
+    """No pending sign-in to finish: already signed in, timed out (say so), or none at all."""
+    if second_step_unread():
+        resolve_in_full()
+    if current_user.is_authenticated:
+        return redirect(url_for("main.index"))
+    timed_out = signin_timed_out()
+    if timed_out is not None:
+        return timed_out
+    flash("Please sign in first.", "info")
+    return redirect(url_for("auth.login"))
 
 
 def _second_step_passed(result: MFAResult) -> Response:

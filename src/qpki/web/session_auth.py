@@ -8,6 +8,8 @@ user: protected pages then send the browser to the verify page.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from flask import Flask, current_app, flash, g, redirect, request, session, url_for
 from flask_login import LoginManager
 from werkzeug.wrappers import Response
@@ -65,13 +67,49 @@ def start_session(token: str, next_url: str | None = None) -> None:
         session[NEXT_KEY] = next_url
 
 
+def start_pending_session(
+    token: str, username: str, until: datetime | None, next_url: str | None = None
+) -> None:
+    """After the password step of a 2FA account: the pending session, marked as such (the
+    name for a timed-out sign-in's form, and when it times out), as resolving it would."""
+    start_session(token, next_url)
+    session[PENDING_USER_KEY] = username
+    if until is not None:
+        session[PENDING_UNTIL_KEY] = until.timestamp()
+
+
+def second_step_unread() -> bool:
+    """This request submits a code on a cookie the server marked pending: it is not
+    resolved first. The second step's own transaction claims the pending row with one
+    conditional UPDATE that makes every check a read would (live, pending, not expired,
+    active account), so the read only doubled the work of the busiest POST. A request for
+    which this holds is anonymous (as a pending session is) until :func:`resolve_in_full`.
+    The marker is in the signed cookie, and at worst it makes a request less privileged."""
+    return (
+        request.endpoint == "auth.mfa_verify"
+        and request.method == "POST"
+        and isinstance(session.get(PENDING_USER_KEY), str)
+        and not g.get("resolve_in_full")
+    )
+
+
+def resolve_in_full() -> None:
+    """Resolve this request's cookie against the database after all (a second step that
+    found no pending row to claim, or a page to draw): sets the pending row, or the user."""
+    g.resolve_in_full = True
+    g.pop("_login_user", None)  # Flask-Login's cached (anonymous) user of this request
+    from flask_login import current_user
+
+    _ = current_user.is_authenticated
+
+
 def take_signin_username() -> str:
     """The user name to put back into the sign-in form after a timed-out sign-in, once."""
     name = session.pop(SIGNIN_USERNAME_KEY, "")
     return name if isinstance(name, str) else ""
 
 
-def _signin_timed_out(target: str | None = None) -> Response | None:
+def signin_timed_out(target: str | None = None) -> Response | None:
     """A pending sign-in of this browser ended unfinished (the 5 minutes passed): say so, keep
     the name for the form, and send the browser back to the sign-in page with its target
     (the page asked for at sign-in, else ``target``, the page asked for now).
@@ -102,7 +140,7 @@ def install_login_manager(app: Flask) -> LoginManager:
     @manager.request_loader
     def _load(_request: object) -> User | None:
         token = session_token()
-        if not token:
+        if not token or second_step_unread():
             return None
         resolved = auth_manager().resolve_session(token)
         if resolved is None:
@@ -125,10 +163,12 @@ def install_login_manager(app: Flask) -> LoginManager:
         "Please sign in first")."""
         if request.endpoint != "auth.mfa_verify" or PENDING_USER_KEY not in session:
             return None
+        if second_step_unread():
+            return None  # the route finds out from its own claim (see second_step_unread)
         from flask_login import current_user
 
         _ = current_user.is_authenticated  # resolves the cookie (sets g.session_expired)
-        return _signin_timed_out()
+        return signin_timed_out()
 
     @manager.unauthorized_handler
     def _unauthorized() -> Response:
@@ -140,7 +180,7 @@ def install_login_manager(app: Flask) -> LoginManager:
         target = request.full_path if request.method == "GET" else None
         if target and target.endswith("?"):
             target = target[:-1]
-        timed_out = _signin_timed_out(target)
+        timed_out = signin_timed_out(target)
         if timed_out is not None:
             return timed_out
         if g.get("session_expired"):

@@ -72,6 +72,7 @@ class LoginResult:
     # presented is dead and should be dropped from the browser.
     remember_cookie: str | None = None
     forget_remember_cookie: bool = False
+    pending_until: datetime | None = None  # when a pending sign-in times out
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class MFAResult:
     locked: bool = False
     device_token: str | None = None
     remember_cookie: str | None = None  # set when the user asked to remember this device
+    # The pending sign-in was not there to claim (timed out, ended, already used, or its
+    # account deactivated): nothing was checked or counted.
+    expired: bool = False
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,11 @@ class SignInService:
                 )
                 audit_own(self.audit, s, AuditEvent.LOGIN_PASSWORD_ACCEPTED, user, at=now)
                 return LoginResult(
-                    user=user, token=token, mfa_required=True, forget_remember_cookie=forget_cookie
+                    user=user,
+                    token=token,
+                    mfa_required=True,
+                    forget_remember_cookie=forget_cookie,
+                    pending_until=now + self.sessions.policy.pending,
                 )
             token, device_token = self.open_full_session(
                 s, user, now, client, method="password", throttle_key=throttle_key
@@ -291,7 +299,7 @@ class SignInService:
             pending = self.sessions.claim_pending(s, pending_token, now)
             user = s.get(User, pending.user_id) if pending is not None else None
             if pending is None or user is None or not user.is_active:
-                return MFAResult(False, errors.SIGNIN_EXPIRED)
+                return MFAResult(False, errors.SIGNIN_EXPIRED, expired=True)
             throttle_key = self.devices.throttle_key(
                 s, user, user.username_key, client.device_token
             )
