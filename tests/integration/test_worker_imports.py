@@ -3,9 +3,10 @@
 ``qpki run`` builds the app once in the master and forks the workers from it, so every module
 imported while the app is built is resident in every worker. Libraries that only some requests
 need are imported by those requests: py_webauthn (passkey ceremonies), ua-parser (describing a
-browser in an alert or on the activity page) and the CLI's command groups (never used by the
-server). These tests build the app the way ``qpki run`` does, in a fresh interpreter, and fail
-when one of them is imported at start-up again.
+browser in an alert or on the activity page), the JSON API's views with spectree, pydantic and
+the schema models (the first API request; see qpki.api.lazy) and the CLI's command groups
+(never used by the server). These tests build the app the way ``qpki run`` does, in a fresh
+interpreter, and fail when one of them is imported at start-up again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ DEFERRED = (
     "OpenSSL",
     "ua_parser",
     "yaml",
+    "pydantic",
+    "spectree",
+    "qpki.api.views",
+    "qpki.api.openapi",
+    "qpki.api.schemas",
     *sorted({module for module, _ in COMMAND_GROUPS.values()}),
 )
 

@@ -4,7 +4,9 @@
 hashes under the app's secret keys), the blueprints (CSRF-exempt: no cookie authenticates
 here), request metrics, and problem-details error answers for every ``/api/`` path — also for
 the errors raised before any view is found (404, 405) or outside the views (413, a 429 of
-the limiter, a database that went away).
+the limiter, a database that went away). The views, and spectree and pydantic with them, are
+imported by the first request that reaches one (:mod:`qpki.api.lazy`), not while the app is
+built, so gunicorn workers do not all carry them.
 """
 
 from __future__ import annotations

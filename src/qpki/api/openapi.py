@@ -12,6 +12,9 @@ Two things are added to what spectree generates, both from this module's constan
 bearer security scheme (spectree documents no header-based security for Flask by itself), and
 ``application/problem+json`` as the media type of every error response (spectree documents
 every response as ``application/json``).
+
+Like the views, this module (and with it spectree and pydantic) is imported by the first API
+request, not at start-up: see :mod:`qpki.api.lazy`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pydantic import BaseModel
 from spectree import Response as SpecResponse
 from spectree import SpecTree
 
+from qpki.api.lazy import load_views
 from qpki.api.problems import PROBLEM_MIMETYPE, abort_problem
 from qpki.api.schemas import Problem
 
@@ -86,9 +90,15 @@ def responses(status: int, model: type[BaseModel] | None, *errors: int) -> SpecR
 
 
 def document() -> dict[str, Any]:
-    """The OpenAPI document (built once per app, from its URL map and the decorated views)."""
+    """The OpenAPI document (built once per app, from its URL map and the decorated views).
+
+    The views are imported on their first request (:mod:`qpki.api.lazy`); spectree reads the
+    views of the URL map as they are, so they are all loaded before it does, else the document
+    would miss every operation not called yet (and spectree keeps its first document).
+    """
     cached = current_app.extensions.get(_DOC_KEY)
     if cached is None:
+        load_views(current_app)
         doc = copy.deepcopy(spec.spec)
         doc["openapi"] = "3.1.0"
         doc["servers"] = [{"url": "/"}]
