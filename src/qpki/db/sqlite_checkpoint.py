@@ -6,8 +6,8 @@ the copying and the ``fsync`` calls of every other request's writes too: with a
 verification writing about a dozen pages, one request in a hundred waited several
 milliseconds for work that was not its own (the p99 of the hot path, issue #15).
 
-Here each process that writes runs a small daemon thread that, a moment after a commit,
-runs ``PRAGMA wal_checkpoint(PASSIVE)`` on a connection of its own. A passive checkpoint
+Here each process that writes runs a small daemon thread that, half a second after a
+commit, runs ``PRAGMA wal_checkpoint(PASSIVE)`` on a connection of its own. A passive checkpoint
 never waits for a reader or a writer (and they never wait for it); whatever it could not
 copy, the next one copies. The connections of the application keep an automatic checkpoint
 as a backstop at :data:`BACKSTOP_PAGES`, far above what the thread leaves behind, so the log
@@ -28,8 +28,11 @@ log = logging.getLogger(__name__)
 
 # The automatic checkpoint the application's connections keep (pages of the log; 4 KiB each).
 BACKSTOP_PAGES = 4000
-# How soon after a commit the thread checkpoints (writes in between share one checkpoint).
-DELAY_S = 0.05
+# How soon after a commit the thread checkpoints: the writes in between share one checkpoint.
+# Not sooner: a page written again after a checkpoint is copied again by the next, so
+# checkpoints every few requests would copy the busy pages (the audit tail, the indexes'
+# last leaves) over and over; two a second copy each about as rarely as SQLite's default.
+DELAY_S = 0.5
 # A thread with nothing to do for this long ends (tests create many databases).
 IDLE_EXIT_S = 30.0
 # A checkpoint never waits long for SQLite's checkpoint lock (another process may hold it).
