@@ -32,7 +32,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from qpki.db.sqlite_checkpoint import BACKSTOP_PAGES, WalCheckpointer
 from qpki.errors import QPKIError
 
 if TYPE_CHECKING:
@@ -122,8 +121,6 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run off the request path (WalCheckpointer); this one is the backstop.
-        cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -251,7 +248,6 @@ class DatabaseManager:
             if sqlite_file is not None
             else None
         )
-        self.checkpointer = WalCheckpointer(sqlite_file) if sqlite_file is not None else None
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Session]:
@@ -264,8 +260,6 @@ class DatabaseManager:
         if write and self._writer_lock is not None:
             with self._writer_lock.held(), self._transaction(write=True) as session:
                 yield session
-            if self.checkpointer is not None:
-                self.checkpointer.note_write()
         else:
             with self._transaction(write=write) as session:
                 yield session
@@ -385,6 +379,4 @@ class DatabaseManager:
 
     def dispose(self) -> None:
         """Close pooled connections (tests and forked workers)."""
-        if self.checkpointer is not None:
-            self.checkpointer.stop()
         self.engine.dispose()
