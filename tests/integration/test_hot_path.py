@@ -278,3 +278,37 @@ def test_the_api_verify_is_one_write_transaction(make_app: Callable[..., Flask])
     assert answer.status_code == 200 and answer.get_json()["result"] == "accept"
     begins = [q for q in seen if q.startswith("BEGIN")]
     assert begins == ["BEGIN DEFERRED", "BEGIN IMMEDIATE"], begins
+
+
+def test_the_audit_head_is_stored_after_the_write_turn_is_given_up(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing the head needs no database: it waits for the commit, not in the writer's turn
+    (the other workers wait for every moment a writer holds it)."""
+    import fcntl
+
+    db = app.db_manager  # type: ignore[attr-defined]
+    audit = _audit(app)
+    lock_path = db._writer_lock.path
+    stored: list[tuple[int, bool]] = []
+    advance = audit.head.advance
+
+    def watched(head: ChainHead) -> None:
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a writer holds it
+            stored.append((head.seq, True))
+        except BlockingIOError:
+            stored.append((head.seq, False))
+        finally:
+            os.close(fd)
+        advance(head)
+
+    monkeypatch.setattr(audit.head, "advance", watched)
+    with db.transaction() as s:
+        first = audit.record(s, AuditEvent.USER_CHANGED, target_name="a")
+        audit.record(s, AuditEvent.USER_CHANGED, target_name="b")
+        assert stored == []  # nothing before the commit
+    assert stored == [(first.seq + 1, True)]  # once, for the newest event, outside the turn
+    head = audit.head.read()
+    assert head is not None and head.seq == first.seq + 1

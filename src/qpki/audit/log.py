@@ -31,6 +31,7 @@ from qpki.audit.events import AuditEvent, Outcome
 from qpki.audit.head import HeadStore, HeadStoreError
 from qpki.audit.models import AuditEventRecord
 from qpki.db.base import utcnow
+from qpki.db.manager import after_release
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,17 @@ def _store_pending_head(session: Session) -> None:
     if pending is None:
         return
     audit, seq, last_hash = pending
-    try:
-        audit.head.advance(audit.sealed_head(seq, last_hash))
-    except (HeadStoreError, OSError) as exc:
-        log.error("audit chain head not stored in %s: %s", audit.head.description, exc)
+
+    def store() -> None:
+        try:
+            audit.head.advance(audit.sealed_head(seq, last_hash))
+        except (HeadStoreError, OSError) as exc:
+            log.error("audit chain head not stored in %s: %s", audit.head.description, exc)
+
+    # Outside the SQLite write turn when the transaction is the DatabaseManager's: a head
+    # only moves forward, so two writers storing theirs in either order leave the newest.
+    if not after_release(session, store):
+        store()
 
 
 @event.listens_for(Session, "after_commit")
