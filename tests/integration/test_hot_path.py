@@ -312,3 +312,42 @@ def test_the_audit_head_is_stored_after_the_write_turn_is_given_up(
     assert stored == [(first.seq + 1, True)]  # once, for the newest event, outside the turn
     head = audit.head.read()
     assert head is not None and head.seq == first.seq + 1
+
+
+def test_a_plain_read_is_a_deferred_transaction_without_the_writer_lock(tmp_path: Path) -> None:
+    """``reading()`` (the API key lookup): a Core read in ``BEGIN DEFERRED`` that does not wait
+    for a writer's turn; database errors come out as DatabaseUnavailable, like a transaction's."""
+    import threading
+
+    from sqlalchemy import text
+
+    db = DatabaseManager(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        with db.transaction() as s:
+            s.execute(text("CREATE TABLE t (v INTEGER)"))
+            s.execute(text("INSERT INTO t VALUES (7)"))
+        seen: list[str] = []
+        event.listen(db.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        lock = db._writer_lock
+        assert lock is not None
+        holding, done = threading.Event(), threading.Event()
+
+        def writer_turn() -> None:
+            with lock.held():
+                holding.set()
+                done.wait(10)
+
+        other = threading.Thread(target=writer_turn)
+        other.start()
+        try:
+            assert holding.wait(10)
+            with db.reading() as conn:  # another thread holds the writer's turn meanwhile
+                assert conn.execute(text("SELECT v FROM t")).scalar() == 7
+        finally:
+            done.set()
+            other.join(10)
+        assert seen == ["BEGIN DEFERRED", "SELECT v FROM t"], seen
+        with pytest.raises(DatabaseUnavailable), db.reading() as conn:
+            conn.execute(text("SELECT * FROM no_such_table"))
+    finally:
+        db.dispose()

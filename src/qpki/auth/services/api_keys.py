@@ -268,8 +268,8 @@ class ApiKeyService:
             return None
         now = self.clock()
         candidates = self._hashes(presented)
-        with self.db.transaction(write=False) as s:
-            row = s.connection().execute(_KEY_BY_HASH, {"hashes": candidates}).first()
+        with self.db.reading() as conn:
+            row = conn.execute(_KEY_BY_HASH, {"hashes": candidates}).first()
             if row is None:
                 return None
             key_id, stored_hash = row.id, row.key_hash
