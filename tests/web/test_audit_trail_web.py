@@ -12,7 +12,12 @@ from sqlalchemy import text
 
 from helpers import create_user, login, optional_2fa_for_admins, page
 from qpki.audit.events import AuditEvent
-from qpki.auth.services.audit_trail import EXPORT_BATCH, AuditFilters, AuditTrailService
+from qpki.auth.services.audit_trail import (
+    COUNT_CAP,
+    EXPORT_BATCH,
+    AuditFilters,
+    AuditTrailService,
+)
 from qpki.clock import system_clock
 
 BAD_FILTERS = [
@@ -111,3 +116,17 @@ def test_page_counts_every_matching_event(app: Flask) -> None:
     second = service.page(AuditFilters(event="user_changed"), before_id=first.next_before_id)
     assert second.total == 60 and len(second.events) == 10 and second.next_before_id is None
     assert service.page(AuditFilters(username="nobody")).total == 0
+    assert not first.total_capped
+
+
+def test_a_page_counts_up_to_the_cap_and_says_there_are_more(
+    app: Flask, admin: FlaskClient
+) -> None:
+    """Counting stops at COUNT_CAP (a count walks every match: B5's million events)."""
+    _add_events(app, COUNT_CAP + 1)
+    manager = app.auth_manager  # type: ignore[attr-defined]
+    service = AuditTrailService(manager.db, manager.audit, system_clock)
+    found = service.page(AuditFilters(event="user_changed"))
+    assert (found.total, found.total_capped, len(found.events)) == (COUNT_CAP, True, 50)
+    shown = page(admin.get("/admin/audit?event=user_changed")).find(id="audit-count")
+    assert shown is not None and shown.get_text(" ", strip=True).startswith("10,000+ events")

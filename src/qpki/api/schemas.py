@@ -141,7 +141,10 @@ class AuditPageOut(BaseModel):
     next_before: int | None = Field(
         default=None, description="Pass as 'before' for the next (older) page"
     )
-    total: int
+    total: int = Field(description="Events matching the filters, counted up to 10,000")
+    total_capped: bool = Field(
+        default=False, description="More events match than 'total' (the count stopped at it)"
+    )
 
 
 class ChainStatus(BaseModel):

@@ -313,7 +313,12 @@ def audit_events() -> Response:
         ).model_dump(mode="json")
         for e in page.events
     ]
-    return jsonify(events=events, next_before=page.next_before_id, total=page.total)
+    return jsonify(
+        events=events,
+        next_before=page.next_before_id,
+        total=page.total,
+        total_capped=page.total_capped,
+    )
 
 
 @operation("audit:read")
