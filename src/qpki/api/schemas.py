@@ -141,7 +141,7 @@ class AuditPageOut(BaseModel):
     next_before: int | None = Field(
         default=None, description="Pass as 'before' for the next (older) page"
     )
-    total: int = Field(description="Events matching the filters, counted up to 10,000")
+    total: int = Field(description="Events matching the filters, counted up to 500")
     total_capped: bool = Field(
         default=False, description="More events match than 'total' (the count stopped at it)"
     )
