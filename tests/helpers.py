@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyotp
@@ -58,18 +63,14 @@ def create_user(
     return app.auth_manager.create_user(username, password, f"{username}@example.org", role)  # type: ignore[attr-defined]
 
 
-def enable_mfa(
-    app: Flask, user_id: int, *, at: datetime | None = None
-) -> tuple[str, list[str]]:
+def enable_mfa(app: Flask, user_id: int, *, at: datetime | None = None) -> tuple[str, list[str]]:
     """Enable 2FA through the service API with an oathtool code; returns (secret, codes).
 
     ``at`` is the app's time when it runs on a SteppedClock (the code is computed for it).
     """
     manager = app.auth_manager  # type: ignore[attr-defined]
     setup = manager.start_mfa_setup(user_id, now=at)
-    return setup.secret, manager.confirm_mfa_setup(
-        user_id, oathtool_code(setup.secret, at), now=at
-    )
+    return setup.secret, manager.confirm_mfa_setup(user_id, oathtool_code(setup.secret, at), now=at)
 
 
 def login(
@@ -157,3 +158,23 @@ def optional_2fa_for_admins(app: Flask) -> None:
     from qpki.web.services import services_of
 
     services_of(app).policy.set_policy("admin", actor=None, actor_name="test", require_2fa=False)
+
+
+def run_fresh_app_process(script: str, *args: str, data_dir: Path, **env: str) -> Any:
+    """Run ``script`` (``python -c``) in a fresh interpreter with a data directory of its own
+    and none of this run's database, key, metrics or Redis settings, as ``qpki run`` starts
+    on a machine; the JSON its last line of output prints. For what only a new process
+    shows (which modules start-up imports, a first request)."""
+    environ = {**os.environ, "QPKI_DATA_DIR": str(data_dir), **env}
+    for name in ("QPKI_DATABASE_URL", "QPKI_MFA_KEY", "PROMETHEUS_MULTIPROC_DIR", "QPKI_REDIS_URL"):
+        environ.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])

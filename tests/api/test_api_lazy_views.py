@@ -10,15 +10,12 @@ first, the schema is checked — and the OpenAPI document covers every rule.
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from flask import Flask
 from flask_limiter.util import get_qualified_name
 
+from helpers import run_fresh_app_process
 from qpki.api.lazy import LazyView, load_views
 from qpki.api.routes import RULES, VIEWS_MODULE
 
@@ -92,20 +89,12 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def worker_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    env = {**os.environ, "QPKI_DATA_DIR": str(tmp_path_factory.mktemp("data"))}
-    for name in ("QPKI_DATABASE_URL", "QPKI_MFA_KEY", "PROMETHEUS_MULTIPROC_DIR", "QPKI_REDIS_URL"):
-        env.pop(name, None)
-    env["QPKI_RATE_LIMITS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", _SERVE_LIKE_A_WORKER, ",".join(DEFERRED)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    report: dict[str, object] = run_fresh_app_process(
+        _SERVE_LIKE_A_WORKER,
+        ",".join(DEFERRED),
+        data_dir=tmp_path_factory.mktemp("data"),
+        QPKI_RATE_LIMITS="1",
     )
-    assert done.returncode == 0, done.stderr
-    report: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
     return report
 
 

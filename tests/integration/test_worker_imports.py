@@ -11,14 +11,11 @@ interpreter, and fail when one of them is imported at start-up again.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 
+from helpers import run_fresh_app_process
 from qpki.cli import COMMAND_GROUPS, main
 
 # Deferred to the first request that needs them (module prefixes), and the CLI's groups.
@@ -55,19 +52,7 @@ print(json.dumps({"modules": before, "words": words}))
 
 
 def test_the_served_app_defers_passkey_user_agent_and_cli_libraries(tmp_path: Path) -> None:
-    env = {**os.environ, "QPKI_DATA_DIR": str(tmp_path / "data")}
-    for name in ("QPKI_DATABASE_URL", "QPKI_MFA_KEY", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
-    done = subprocess.run(
-        [sys.executable, "-c", _BUILD_LIKE_RUN],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
+    report = run_fresh_app_process(_BUILD_LIKE_RUN, data_dir=tmp_path / "data")
     loaded = [m for m in report["modules"] if m.startswith(DEFERRED)]
     assert loaded == [], f"imported at start-up: {loaded}"
     # The deferred import still works on first use.
