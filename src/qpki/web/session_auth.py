@@ -1,9 +1,12 @@
 """Who is logged in: resolve the session token in Flask's signed cookie against the database.
 
-The cookie carries only ``sid``, a random token (and Flask-WTF's CSRF token). Flask-Login's
+The cookie carries ``sid``, a random token (and Flask-WTF's CSRF token; while a sign-in
+waits for its second factor, the name typed and when it times out). Flask-Login's
 ``login_user`` is not used, so no user id is ever written into the cookie; instead the
-request loader resolves ``sid`` on every request. A pending (password-only) session yields no
-user: protected pages then send the browser to the verify page.
+request loader resolves ``sid`` on every request — except the code's POST on a cookie marked
+pending, whose own transaction claims the row (:func:`second_step_unread`). A pending
+(password-only) session yields no user: protected pages then send the browser to the verify
+page.
 """
 
 from __future__ import annotations
