@@ -173,9 +173,11 @@ def test_passkeys_and_security_keys_journey(key_app: Any, journey: Any) -> None:
     # Autofill: with the passkey on this device, the sign-in page's conditional request is
     # answered (Chromium's virtual authenticator picks the one passkey, as a person would in
     # the username field's suggestions) and the person is signed in without a password.
-    submit(other, other.get_by_role("button", name="Sign out"))
+    # Signing out lands on the sign-in page, whose autofill request the passkey answers at
+    # once: wait for that navigation home from the click on (a second load of the page could
+    # race the first page's ceremony).
     with other.expect_navigation(url=re.compile(r"/$")):
-        other.goto("/auth/login")
+        other.get_by_role("button", name="Sign out").click()
     j.step(other, "signed-in-by-passkey-autofill")
 
     # 5. Step-up with a key on the reauth page.
