@@ -9,6 +9,7 @@ JavaScript. Every refusal is a JSON 4xx with a message the service chose — nev
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, flash, jsonify, redirect, render_template, request, session, url_for
@@ -77,6 +78,19 @@ def _json_body() -> dict[str, Any] | JsonReply:
     if not isinstance(data, dict):
         return _bad_request("The request body must be a JSON object.")
     return data
+
+
+def _options(start: Callable[[dict[str, Any]], dict[str, Any]]) -> JsonReply:
+    """A ceremony's begin request: the JSON body checked, the options ``start`` makes from
+    it, or the reply that refuses it."""
+    body = _json_body()
+    if not isinstance(body, dict):
+        return body
+    try:
+        options = start(body)
+    except CeremonyRefused as exc:
+        return _refusal(exc)
+    return jsonify({"ok": True, "publicKey": options})
 
 
 def _done(target: str, token: str, device_token: str | None) -> Response:
@@ -167,17 +181,13 @@ def remove_key(key_id: int) -> Response:
 @login_required
 @per_address(CEREMONY_LIMIT)
 def register_begin() -> JsonReply:
-    body = _json_body()
-    if not isinstance(body, dict):
-        return body
-    name = body.get("name")
-    try:
-        options = services().webauthn.begin_registration(
+    def start(body: dict[str, Any]) -> dict[str, Any]:
+        name = body.get("name")
+        return services().webauthn.begin_registration(
             session_token() or "", name if isinstance(name, str) else ""
         )
-    except CeremonyRefused as exc:
-        return _refusal(exc)
-    return jsonify({"ok": True, "publicKey": options})
+
+    return _options(start)
 
 
 @bp.post("/webauthn/register/finish")
@@ -212,17 +222,13 @@ def _pending_token() -> str | None:
 @bp.post("/webauthn/verify/begin")
 @per_address(VERIFY_LIMIT)
 def verify_begin() -> JsonReply:
-    body = _json_body()
-    if not isinstance(body, dict):
-        return body
-    token = _pending_token()
-    if token is None:
-        return _refusal(CeremonyRefused("Please sign in first.", "session"))
-    try:
-        options = services().webauthn.begin_second_factor(token)
-    except CeremonyRefused as exc:
-        return _refusal(exc)
-    return jsonify({"ok": True, "publicKey": options})
+    def start(_body: dict[str, Any]) -> dict[str, Any]:
+        token = _pending_token()
+        if token is None:
+            raise CeremonyRefused("Please sign in first.", "session")
+        return services().webauthn.begin_second_factor(token)
+
+    return _options(start)
 
 
 @bp.post("/webauthn/verify/finish")
@@ -251,15 +257,14 @@ def verify_finish() -> JsonReply:
 @bp.post("/webauthn/passwordless/begin")
 @per_address(CEREMONY_LIMIT)
 def passwordless_begin() -> JsonReply:
-    body = _json_body()
-    if not isinstance(body, dict):
-        return body
-    binding = session.get(BINDING_KEY)
-    if not isinstance(binding, str):
-        binding = secrets.token_urlsafe(32)
-        session[BINDING_KEY] = binding
-    options = services().webauthn.begin_passwordless(binding)
-    return jsonify({"ok": True, "publicKey": options})
+    def start(_body: dict[str, Any]) -> dict[str, Any]:
+        binding = session.get(BINDING_KEY)
+        if not isinstance(binding, str):
+            binding = secrets.token_urlsafe(32)
+            session[BINDING_KEY] = binding
+        return services().webauthn.begin_passwordless(binding)
+
+    return _options(start)
 
 
 @bp.post("/webauthn/passwordless/finish")
@@ -289,14 +294,7 @@ def passwordless_finish() -> JsonReply:
 @login_required
 @per_address(VERIFY_LIMIT)
 def reauth_begin() -> JsonReply:
-    body = _json_body()
-    if not isinstance(body, dict):
-        return body
-    try:
-        options = services().webauthn.begin_step_up(session_token() or "")
-    except CeremonyRefused as exc:
-        return _refusal(exc)
-    return jsonify({"ok": True, "publicKey": options})
+    return _options(lambda _body: services().webauthn.begin_step_up(session_token() or ""))
 
 
 @bp.post("/webauthn/reauth/finish")

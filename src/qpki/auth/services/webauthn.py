@@ -566,13 +566,20 @@ class WebAuthnService:
             row = self.sessions.find(s, pending_token)
             if row is None or row.mfa_passed or row.ended_at is not None or row.expires_at <= now:
                 raise CeremonyRefused(errors.SIGNIN_EXPIRED, "session")
-            known = self._known(s, row.user_id)
-            if not known:
-                raise CeremonyRefused(UNKNOWN_KEY, "unknown_key")
-            challenge = self._store_challenge(s, SECOND_FACTOR, pending_token, row.user_id, now)
-            return authentication_options(
-                self.rp, challenge=challenge, allow=known, require_user_verification=False
-            )
+            return self._key_options(s, SECOND_FACTOR, pending_token, row.user_id, now)
+
+    def _key_options(
+        self, s: Session, kind: str, token: str, user_id: int, now: datetime
+    ) -> dict[str, Any]:
+        """Options asking for one of the user's own keys (second factor, step-up), with a
+        stored single-use challenge bound to ``token``."""
+        known = self._known(s, user_id)
+        if not known:
+            raise CeremonyRefused(UNKNOWN_KEY, "unknown_key")
+        challenge = self._store_challenge(s, kind, token, user_id, now)
+        return authentication_options(
+            self.rp, challenge=challenge, allow=known, require_user_verification=False
+        )
 
     def finish_second_factor(
         self,
@@ -745,13 +752,7 @@ class WebAuthnService:
         now = now or self.clock()
         with self.db.transaction() as s:
             row = self._live_session(s, session_token, now)
-            known = self._known(s, row.user_id)
-            if not known:
-                raise CeremonyRefused(UNKNOWN_KEY, "unknown_key")
-            challenge = self._store_challenge(s, STEP_UP, session_token, row.user_id, now)
-            return authentication_options(
-                self.rp, challenge=challenge, allow=known, require_user_verification=False
-            )
+            return self._key_options(s, STEP_UP, session_token, row.user_id, now)
 
     def finish_step_up(
         self,
