@@ -254,6 +254,32 @@ def test_the_second_step_is_one_write_transaction(make_app: Callable[..., Flask]
     assert len([q for q in seen if q.startswith("SELECT users.")]) == 1, seen
 
 
+def test_a_known_browser_is_looked_up_once_per_second_step(
+    make_app: Callable[..., Flask],
+) -> None:
+    """With a device cookie, the throttle key and the new session both need the device: one
+    read serves both."""
+    from helpers import login, oathtool_code
+
+    clock = SteppedClock(START)
+    app = make_app(clock=clock)
+    user = create_user(app, "vic")
+    secret, _codes = enable_mfa(app, user.id, at=clock())
+    clock.advance(seconds=30)
+    client = app.test_client()
+    login(client, "vic")
+    client.post("/auth/mfa/verify", data={"code": oathtool_code(secret, clock())})
+    client.post("/auth/logout")
+    clock.advance(seconds=30)
+    login(client, "vic")  # this browser now holds a device cookie
+    with statements(app) as seen:
+        done = client.post("/auth/mfa/verify", data={"code": oathtool_code(secret, clock())})
+    assert done.status_code == 302 and done.headers["Location"].endswith("/")
+    lookups = [q for q in seen if q.startswith("SELECT known_devices.id")]
+    assert len(lookups) == 1, seen
+    assert len([q for q in seen if q.startswith("UPDATE known_devices")]) == 1  # touched
+
+
 def test_the_api_verify_is_one_write_transaction(make_app: Callable[..., Flask]) -> None:
     """The key is read; user, policy, code, replay guard and audit are one write."""
     from helpers import oathtool_code

@@ -33,6 +33,8 @@ _TOUCH = (
     .values(last_used_at=bindparam("at", type_=UTCDateTime()))
 )
 _INSERT = insert(_DEVICES)
+# Session.info key: the devices this transaction has looked up.
+_DEVICES_READ = "qpki_devices_read"
 
 
 def _digest(token: str) -> str:
@@ -54,8 +56,14 @@ class KnownDevices:
         """The device ``token`` names, if it belongs to ``user``."""
         if user is None or not token or len(token) > 128:
             return None
-        row = s.connection().execute(_FIND, {"digest": _digest(token), "uid": user.id}).first()
-        return Device(row.id, row.throttle_key) if row is not None else None
+        # Read once per transaction: a sign-in asks for the throttle key, then again when
+        # it opens the session (the session lives one transaction).
+        seen: dict[tuple[str, int], Device | None] = s.info.setdefault(_DEVICES_READ, {})
+        key = (_digest(token), user.id)
+        if key not in seen:
+            row = s.connection().execute(_FIND, {"digest": key[0], "uid": user.id}).first()
+            seen[key] = Device(row.id, row.throttle_key) if row is not None else None
+        return seen[key]
 
     def throttle_key(
         self, s: Session, user: User | None, account_key: str, token: str | None
